@@ -1,0 +1,195 @@
+//! The EndpointPickerConfig: one path from `--config-file`/`--config-text` to a validated,
+//! immutable [`Scheduler`](crate::scheduling::Scheduler), run once at start-up.
+//!
+//! Loading is two steps. [`EndpointPickerConfig::from_text`] decodes the document strictly
+//! and checks what needs no plugin knowledge (apiVersion, kind, feature gates).
+//! [`EndpointPickerConfig::build_scheduler`] instantiates the plugins and applies the
+//! reference's defaulting (names, default profile, profile handler, picker, weights) before
+//! validating the profiles. Every error names the origin (file path or `--config-text`), and
+//! the field, profile or plugin at fault, so the EPP can refuse to start with a message an
+//! operator can act on.
+
+mod build;
+pub mod file;
+
+use std::path::Path;
+
+pub use file::ConfigFile;
+
+/// The v1.4+ built-in default, used when no configuration is given.
+pub const DEFAULT_CONFIG: &str = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+";
+
+/// What went wrong, without the origin (see [`ConfigError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigErrorKind {
+    /// The file could not be read.
+    #[error("cannot read: {0}")]
+    Io(#[source] std::io::Error),
+    /// YAML syntax, an unknown or duplicate field, or a wrongly typed value.
+    #[error("{0}")]
+    Decode(#[source] serde_yaml::Error),
+    /// Unsupported `apiVersion`.
+    #[error("apiVersion '{0}' is not supported (use one of: {versions})", versions = file::API_VERSIONS.join(", "))]
+    ApiVersion(String),
+    /// Wrong `kind`.
+    #[error("kind '{0}' is not supported (use {k})", k = file::KIND)]
+    Kind(String),
+    /// Unknown feature gate.
+    #[error("featureGates: unknown feature gate '{0}' (known: {gates})", gates = file::FEATURE_GATES.join(", "))]
+    FeatureGate(String),
+    /// A plugin without `type`.
+    #[error("plugins[{index}]: plugin definition for '{name}' is missing a type")]
+    MissingType {
+        /// Position in `plugins`.
+        index: usize,
+        /// The name, if any.
+        name: String,
+    },
+    /// Two plugins with one name.
+    #[error("plugins: duplicate plugin name '{0}'")]
+    DuplicatePlugin(String),
+    /// The plugin factory refused the entry.
+    #[error("plugin '{name}' (type '{type_name}'): {source}")]
+    Plugin {
+        /// Plugin name.
+        name: String,
+        /// Plugin type.
+        type_name: String,
+        /// Why.
+        #[source]
+        source: crate::scheduling::plugins::PluginError,
+    },
+    /// A profile without a name.
+    #[error("schedulingProfiles[{0}]: profile name must not be empty")]
+    EmptyProfileName(usize),
+    /// Two profiles with one name.
+    #[error("schedulingProfiles: duplicate profile name '{0}'")]
+    DuplicateProfile(String),
+    /// A profile entry without `pluginRef`.
+    #[error("profile '{profile}': plugins[{index}] has an empty pluginRef")]
+    EmptyRef {
+        /// Profile name.
+        profile: String,
+        /// Position in the profile.
+        index: usize,
+    },
+    /// A `pluginRef` naming no plugin.
+    #[error("{context}: '{plugin_ref}' is a reference to an undefined plugin")]
+    UndefinedRef {
+        /// Where the reference is (profile, data layer, ...).
+        context: String,
+        /// The name referenced.
+        plugin_ref: String,
+    },
+    /// More than one picker in a profile.
+    #[error(
+        "profile '{profile}' has two pickers, '{first}' and '{second}'; a profile takes exactly one"
+    )]
+    TwoPickers {
+        /// Profile name.
+        profile: String,
+        /// First picker.
+        first: String,
+        /// Second picker.
+        second: String,
+    },
+    /// A weight that is not a finite number.
+    #[error("profile '{profile}': weight of '{plugin}' must be a finite number")]
+    BadWeight {
+        /// Profile name.
+        profile: String,
+        /// Plugin name.
+        plugin: String,
+    },
+    /// No or several profile handlers.
+    #[error("{0}")]
+    ProfileHandler(String),
+}
+
+/// A configuration error together with where the configuration came from.
+#[derive(Debug, thiserror::Error)]
+#[error("config {origin}: {kind}")]
+pub struct ConfigError {
+    /// File path, or `--config-text`.
+    pub origin: String,
+    /// What is wrong.
+    #[source]
+    pub kind: ConfigErrorKind,
+}
+
+/// A decoded configuration and where it came from.
+#[derive(Debug, Clone)]
+pub struct EndpointPickerConfig {
+    /// File path, `--config-text`, or `built-in default`.
+    pub origin: String,
+    /// The document.
+    pub file: ConfigFile,
+}
+
+impl EndpointPickerConfig {
+    fn error(&self, kind: ConfigErrorKind) -> ConfigError {
+        ConfigError {
+            origin: self.origin.clone(),
+            kind,
+        }
+    }
+
+    /// Decodes and checks a document; `origin` names it in errors.
+    pub fn from_text(text: &str, origin: impl Into<String>) -> Result<Self, ConfigError> {
+        let origin = origin.into();
+        let err = |kind| ConfigError {
+            origin: origin.clone(),
+            kind,
+        };
+        let file: ConfigFile =
+            serde_yaml::from_str(text).map_err(|e| err(ConfigErrorKind::Decode(e)))?;
+        if !file::API_VERSIONS.contains(&file.api_version.as_str()) {
+            return Err(err(ConfigErrorKind::ApiVersion(file.api_version)));
+        }
+        if file.kind != file::KIND {
+            return Err(err(ConfigErrorKind::Kind(file.kind)));
+        }
+        if let Some(gate) = file
+            .feature_gates
+            .iter()
+            .find(|g| !file::FEATURE_GATES.contains(&g.as_str()))
+        {
+            return Err(err(ConfigErrorKind::FeatureGate(gate.clone())));
+        }
+        Ok(Self { origin, file })
+    }
+
+    /// Reads and decodes a file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            origin: origin.clone(),
+            kind: ConfigErrorKind::Io(e),
+        })?;
+        Self::from_text(&text, origin)
+    }
+
+    /// The built-in default (queue 2, KV 2, prefix 3).
+    pub fn builtin_default() -> Result<Self, ConfigError> {
+        Self::from_text(DEFAULT_CONFIG, "built-in default")
+    }
+}
+
+#[cfg(test)]
+mod tests;

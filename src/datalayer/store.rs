@@ -1,0 +1,210 @@
+//! The published endpoint snapshot and its single writer path.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use super::{Endpoint, Metrics};
+
+/// One endpoint together with its latest metrics, as seen by one scheduling cycle.
+#[derive(Debug, Clone)]
+pub struct EndpointState {
+    /// Identity and address.
+    pub endpoint: Arc<Endpoint>,
+    /// Latest scraped figures (default, with `updated_at: None`, until the first scrape).
+    pub metrics: Arc<Metrics>,
+}
+
+/// An immutable view of the pool. Requests load it once and never see it change.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    endpoints: Vec<EndpointState>,
+    synced: bool,
+    generation: u64,
+}
+
+impl Snapshot {
+    /// The endpoints, in discovery order.
+    pub fn endpoints(&self) -> &[EndpointState] {
+        &self.endpoints
+    }
+
+    /// Whether discovery has delivered the pool at least once.
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Bumped each time the *set* of endpoints changes (not on metric updates).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The endpoint at `address`, if present.
+    pub fn find(&self, address: SocketAddr) -> Option<&EndpointState> {
+        self.endpoints
+            .iter()
+            .find(|e| e.endpoint.address == address)
+    }
+}
+
+/// Holder of the current [`Snapshot`].
+///
+/// Readers call [`EndpointStore::load`]; writers (discovery, scrapers) go through the methods
+/// below, which are serialised by a writer-only mutex so that concurrent metric updates never
+/// lose each other. Readers never take that mutex.
+#[derive(Debug)]
+pub struct EndpointStore {
+    current: ArcSwap<Snapshot>,
+    writer: Mutex<()>,
+    set_changes: watch::Sender<u64>,
+}
+
+impl Default for EndpointStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EndpointStore {
+    /// An empty, not yet synced store.
+    pub fn new() -> Self {
+        Self {
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            writer: Mutex::new(()),
+            set_changes: watch::Sender::new(0),
+        }
+    }
+
+    /// The current snapshot (one atomic load).
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Notified with the new generation whenever the endpoint set changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.set_changes.subscribe()
+    }
+
+    /// Replaces the endpoint set and marks the pool synced. Endpoints that were already known
+    /// (same name, address and labels) keep their metrics; new ones start unscraped.
+    pub fn set_endpoints(&self, endpoints: impl IntoIterator<Item = Endpoint>) {
+        let _guard = self.writer.lock();
+        let old = self.current.load();
+        let next: Vec<EndpointState> = endpoints
+            .into_iter()
+            .map(
+                |ep| match old.endpoints.iter().find(|s| *s.endpoint == ep) {
+                    Some(existing) => existing.clone(),
+                    None => EndpointState {
+                        endpoint: Arc::new(ep),
+                        metrics: Arc::new(Metrics::default()),
+                    },
+                },
+            )
+            .collect();
+        let same_set = old.synced
+            && next.len() == old.endpoints.len()
+            && next
+                .iter()
+                .zip(old.endpoints.iter())
+                .all(|(a, b)| Arc::ptr_eq(&a.endpoint, &b.endpoint));
+        if same_set {
+            return;
+        }
+        let generation = old.generation + 1;
+        self.current.store(Arc::new(Snapshot {
+            endpoints: next,
+            synced: true,
+            generation,
+        }));
+        self.set_changes.send_replace(generation);
+    }
+
+    /// Removes every endpoint and marks the pool not synced (e.g. the InferencePool was deleted).
+    pub fn clear(&self) {
+        let _guard = self.writer.lock();
+        let generation = self.current.load().generation + 1;
+        self.current.store(Arc::new(Snapshot {
+            endpoints: Vec::new(),
+            synced: false,
+            generation,
+        }));
+        self.set_changes.send_replace(generation);
+    }
+
+    /// Publishes new metrics for `endpoint`. Returns `false` (and changes nothing) when the
+    /// endpoint has left the pool meanwhile, so a late scrape cannot resurrect it.
+    pub fn update_metrics(&self, endpoint: &Arc<Endpoint>, metrics: Metrics) -> bool {
+        let _guard = self.writer.lock();
+        let old = self.current.load();
+        let Some(pos) = old
+            .endpoints
+            .iter()
+            .position(|s| Arc::ptr_eq(&s.endpoint, endpoint))
+        else {
+            return false;
+        };
+        let mut endpoints = old.endpoints.clone();
+        endpoints[pos].metrics = Arc::new(metrics);
+        self.current.store(Arc::new(Snapshot {
+            endpoints,
+            synced: old.synced,
+            generation: old.generation,
+        }));
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(addr: &str) -> Endpoint {
+        Endpoint::from_address(addr.parse().unwrap())
+    }
+
+    #[test]
+    fn metrics_survive_an_unchanged_set_and_late_scrapes_are_dropped() {
+        let store = EndpointStore::new();
+        assert!(!store.load().is_synced());
+        store.set_endpoints([ep("10.0.0.1:8000"), ep("10.0.0.2:8000")]);
+        let snap = store.load();
+        assert!(snap.is_synced());
+        assert_eq!(snap.generation(), 1);
+        let first = snap.endpoints()[0].endpoint.clone();
+        let m = Metrics {
+            waiting_queue: 7,
+            ..Metrics::default()
+        };
+        assert!(store.update_metrics(&first, m));
+        // Same set again: nothing changes, metrics kept.
+        store.set_endpoints([ep("10.0.0.1:8000"), ep("10.0.0.2:8000")]);
+        let snap = store.load();
+        assert_eq!(snap.generation(), 1);
+        assert_eq!(snap.endpoints()[0].metrics.waiting_queue, 7);
+        // First endpoint leaves: its late scrape must not come back.
+        store.set_endpoints([ep("10.0.0.2:8000")]);
+        assert!(!store.update_metrics(&first, Metrics::default()));
+        let snap = store.load();
+        assert_eq!(snap.generation(), 2);
+        assert_eq!(snap.endpoints().len(), 1);
+        assert!(snap.find("10.0.0.1:8000".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn subscribers_see_set_changes_only() {
+        let store = EndpointStore::new();
+        let rx = store.subscribe();
+        store.set_endpoints([ep("10.0.0.1:8000")]);
+        assert_eq!(*rx.borrow(), 1);
+        let e = store.load().endpoints()[0].endpoint.clone();
+        store.update_metrics(&e, Metrics::default());
+        assert_eq!(*rx.borrow(), 1);
+        store.clear();
+        assert_eq!(*rx.borrow(), 2);
+        assert!(!store.load().is_synced());
+    }
+}

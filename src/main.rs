@@ -1,0 +1,5 @@
+//! The `epp` binary.
+
+fn main() {
+    println!("epp");
+}

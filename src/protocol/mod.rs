@@ -1,0 +1,154 @@
+//! Envoy ext_proc: `envoy.service.ext_proc.v3.ExternalProcessor/Process`.
+//!
+//! Each gRPC stream is one HTTP request/response. The response stream is driven directly by
+//! the inbound stream (no task per stream): when tonic stops polling it (the gateway went
+//! away, or the server shuts down) the state is dropped and the request is reported. An
+//! RST_STREAM from Envoy after the response is the normal end of a stream, not an error.
+
+mod error;
+mod observer;
+mod stream;
+mod usage;
+pub mod wire;
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+    ExternalProcessor, ExternalProcessorServer,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
+use futures_util::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+pub use error::{ErrorAnswer, StreamError};
+pub use observer::{NoopObserver, RequestObserver, RequestRecord};
+pub use stream::{ExtProcStream, Step};
+pub use usage::{Usage, UsageParser, usage_of};
+
+use crate::request::Director;
+
+/// gRPC service name of ext_proc (also a health-check service name).
+pub const SERVICE_NAME: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
+
+/// Extra room over the body limit for one gRPC message (headers, framing).
+const MESSAGE_OVERHEAD: usize = 1 << 20;
+
+/// The ext_proc service.
+#[derive(Clone)]
+pub struct ExtProcService {
+    director: Arc<Director>,
+    observer: Arc<dyn RequestObserver>,
+}
+
+impl std::fmt::Debug for ExtProcService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExtProcService").finish_non_exhaustive()
+    }
+}
+
+impl ExtProcService {
+    /// A service routing with `director` and reporting to `observer`.
+    pub fn new(director: Arc<Director>, observer: Arc<dyn RequestObserver>) -> Self {
+        Self { director, observer }
+    }
+
+    /// The tonic server for this service, accepting messages as large as the body limit (a
+    /// BUFFERED body arrives in one message).
+    pub fn into_server(self) -> ExternalProcessorServer<Self> {
+        let max = self
+            .director
+            .config()
+            .max_body_bytes
+            .saturating_add(MESSAGE_OVERHEAD);
+        ExternalProcessorServer::new(self)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    }
+}
+
+/// Whether a stream error is Envoy's usual reset at the end of a request.
+fn is_normal_end(status: &Status) -> bool {
+    if matches!(status.code(), tonic::Code::Cancelled) {
+        return true;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_reset() || h2.is_go_away() || h2.is_remote();
+        }
+        source = err.source();
+    }
+    false
+}
+
+struct Driver {
+    inbound: Streaming<ProcessingRequest>,
+    stream: ExtProcStream,
+    queue: VecDeque<ProcessingResponse>,
+    batch: Vec<ProcessingResponse>,
+    end: Option<Result<(), Status>>,
+    done: bool,
+}
+
+/// Response stream type of [`ExtProcService`].
+pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExternalProcessor for ExtProcService {
+    type ProcessStream = ResponseStream;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let driver = Driver {
+            inbound: request.into_inner(),
+            stream: ExtProcStream::new(self.director.clone(), self.observer.clone()),
+            queue: VecDeque::new(),
+            batch: Vec::new(),
+            end: None,
+            done: false,
+        };
+        let out = futures_util::stream::unfold(driver, |mut d| async move {
+            loop {
+                if let Some(msg) = d.queue.pop_front() {
+                    return Some((Ok(msg), d));
+                }
+                if d.done {
+                    return None;
+                }
+                match d.end.take() {
+                    Some(Ok(())) => return None,
+                    Some(Err(status)) => {
+                        d.done = true;
+                        return Some((Err(status), d));
+                    }
+                    None => {}
+                }
+                match d.inbound.message().await {
+                    Ok(Some(msg)) => {
+                        let step = d.stream.handle(msg, &mut d.batch);
+                        d.queue.extend(d.batch.drain(..));
+                        match step {
+                            Step::Continue => {}
+                            Step::Close => d.end = Some(Ok(())),
+                            Step::Fail(status) => d.end = Some(Err(status)),
+                        }
+                    }
+                    Ok(None) => return None,
+                    Err(status) => {
+                        if is_normal_end(&status) {
+                            tracing::trace!(%status, "ext_proc stream reset by the gateway");
+                        } else {
+                            tracing::warn!(%status, "ext_proc stream failed");
+                        }
+                        return None;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+}

@@ -1,0 +1,77 @@
+//! A per-request report for metrics and logs, handed out by the protocol layer.
+
+use tokio::time::Instant;
+
+use super::usage::Usage;
+
+/// What one request did. Built up while its stream runs.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    /// `x-request-id` or the generated id (empty until request headers arrive).
+    pub request_id: String,
+    /// Model named in the body.
+    pub model: String,
+    /// Model served (after rewrite).
+    pub target_model: String,
+    /// `x-gateway-inference-objective`.
+    pub objective: Option<String>,
+    /// Destination list sent to the gateway.
+    pub destinations: Option<String>,
+    /// Endpoint the gateway reports as having served the request.
+    pub served: Option<String>,
+    /// Request body bytes forwarded.
+    pub request_bytes: usize,
+    /// Response body bytes seen.
+    pub response_bytes: usize,
+    /// Token usage from the response.
+    pub usage: Option<Usage>,
+    /// Local reply sent instead of routing: status and reference code.
+    pub error: Option<(u16, &'static str)>,
+    /// Whether the response was an SSE stream.
+    pub streaming: bool,
+    /// Whether the response reached its end.
+    pub response_complete: bool,
+    /// When the stream started.
+    pub started: Instant,
+}
+
+impl RequestRecord {
+    /// An empty record starting now.
+    pub fn new() -> Self {
+        Self {
+            request_id: String::new(),
+            model: String::new(),
+            target_model: String::new(),
+            objective: None,
+            destinations: None,
+            served: None,
+            request_bytes: 0,
+            response_bytes: 0,
+            usage: None,
+            error: None,
+            streaming: false,
+            response_complete: false,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Default for RequestRecord {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Receives request reports. Calls are made on the request path: keep them cheap.
+pub trait RequestObserver: Send + Sync {
+    /// A routing decision was sent.
+    fn routed(&self, _record: &RequestRecord) {}
+    /// The stream ended (normally, by error, or because the gateway went away).
+    fn finished(&self, _record: &RequestRecord) {}
+}
+
+/// An observer that ignores everything.
+#[derive(Debug, Default)]
+pub struct NoopObserver;
+
+impl RequestObserver for NoopObserver {}

@@ -1,0 +1,469 @@
+//! The per-stream state machine: one ext_proc stream carries one HTTP request and response.
+//!
+//! It is synchronous: [`ExtProcStream::handle`] takes one message from Envoy and appends the
+//! answers to send, in order. Ordering rules it keeps (Envoy rejects anything else):
+//! * FULL_DUPLEX_STREAMED: the request-headers answer waits until the body is complete (the
+//!   pick needs the body); then come the headers answer and every body chunk, the last one
+//!   with `end_of_stream` unless request trailers end the body, which are answered last.
+//! * BUFFERED: the headers are answered at once, the single body message with the routing
+//!   header mutation; the body itself passes untouched.
+//! * A header-only request (GET) is routed at once, to a random endpoint.
+//!
+//! The stream never ends itself before the whole body has been returned: ending early makes
+//! Envoy forward an empty body.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, Metadata};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    BodyMutation, CommonResponse, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
+    body_mutation,
+};
+use envoy_types::pb::google::protobuf::{Struct, value::Kind};
+
+use super::error::{ErrorAnswer, StreamError};
+use super::observer::{RequestObserver, RequestRecord};
+use super::usage::UsageParser;
+use super::wire;
+use crate::request::{
+    Decision, Director, DirectorError, RequestError, RequestHeaders, RequestInfo, Subset, keys,
+};
+
+/// Whether the stream goes on after a message.
+#[derive(Debug)]
+pub enum Step {
+    /// Wait for the next message.
+    Continue,
+    /// Send what was queued, then close the stream with OK.
+    Close,
+    /// Send what was queued, then fail the stream with this status.
+    Fail(tonic::Status),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Before request headers.
+    Start,
+    /// Full-duplex: collecting the body before answering the headers.
+    CollectingBody,
+    /// Buffered: headers answered, waiting for the body message.
+    AwaitingBufferedBody,
+    /// The request was routed and forwarded.
+    Routed,
+}
+
+/// State of one ext_proc stream.
+pub struct ExtProcStream {
+    director: Arc<Director>,
+    observer: Arc<dyn RequestObserver>,
+    request_mode: BodySendMode,
+    response_mode: BodySendMode,
+    first: bool,
+    phase: Phase,
+    info: Option<RequestInfo>,
+    subset: Subset,
+    chunks: Vec<Vec<u8>>,
+    body_len: usize,
+    usage: Option<UsageParser>,
+    record: RequestRecord,
+}
+
+impl ExtProcStream {
+    /// A new stream.
+    pub fn new(director: Arc<Director>, observer: Arc<dyn RequestObserver>) -> Self {
+        Self {
+            director,
+            observer,
+            // Without protocol_config (older Envoys) assume the reference's mode.
+            request_mode: BodySendMode::FullDuplexStreamed,
+            response_mode: BodySendMode::FullDuplexStreamed,
+            first: true,
+            phase: Phase::Start,
+            info: None,
+            subset: Subset::All,
+            chunks: Vec::new(),
+            body_len: 0,
+            usage: None,
+            record: RequestRecord::new(),
+        }
+    }
+
+    /// The report so far.
+    pub fn record(&self) -> &RequestRecord {
+        &self.record
+    }
+
+    /// Handles one message from Envoy, appending answers to `out`.
+    pub fn handle(&mut self, msg: ProcessingRequest, out: &mut Vec<ProcessingResponse>) -> Step {
+        if self.first {
+            self.first = false;
+            if let Some(pc) = &msg.protocol_config {
+                self.request_mode =
+                    BodySendMode::try_from(pc.request_body_mode).unwrap_or(BodySendMode::None);
+                self.response_mode =
+                    BodySendMode::try_from(pc.response_body_mode).unwrap_or(BodySendMode::None);
+            }
+        }
+        if let Some(md) = &msg.metadata_context {
+            self.read_metadata(md);
+        }
+        let result = match msg.request {
+            Some(Request::RequestHeaders(h)) => self.request_headers(h, out),
+            Some(Request::RequestBody(b)) => self.request_body(b, out),
+            Some(Request::RequestTrailers(_)) => self.request_trailers(out),
+            Some(Request::ResponseHeaders(h)) => {
+                self.response_headers(&h);
+                out.push(wire::response_headers_continue());
+                Ok(Step::Continue)
+            }
+            Some(Request::ResponseBody(b)) => {
+                self.response_body(b, out);
+                Ok(Step::Continue)
+            }
+            Some(Request::ResponseTrailers(_)) => {
+                self.complete_response();
+                out.push(wire::trailers(false));
+                Ok(Step::Continue)
+            }
+            None => Ok(Step::Continue),
+        };
+        match result {
+            Ok(step) => step,
+            Err(e) => self.fail(e, out),
+        }
+    }
+
+    fn fail(&mut self, err: StreamError, out: &mut Vec<ProcessingResponse>) -> Step {
+        // Free the buffered body at once; nothing of it will be sent.
+        self.chunks = Vec::new();
+        match err.answer() {
+            ErrorAnswer::Immediate { status, code, body } => {
+                tracing::debug!(request_id = %self.record.request_id, status, code, error = %err, "request refused");
+                self.record.error = Some((status, code));
+                out.push(wire::immediate(status, body));
+                Step::Close
+            }
+            ErrorAnswer::Abort(status) => {
+                tracing::warn!(request_id = %self.record.request_id, error = %err, "failing the ext_proc stream");
+                Step::Fail(status)
+            }
+        }
+    }
+
+    /// Subset hint (request path) and served endpoint (response path).
+    fn read_metadata(&mut self, md: &Metadata) {
+        if self.phase != Phase::Routed {
+            self.subset = subset_from(md.filter_metadata.get(keys::SUBSET_NAMESPACE));
+        } else if let Some(served) = md
+            .filter_metadata
+            .get(keys::LB_NAMESPACE)
+            .and_then(|s| s.fields.get(keys::DESTINATION_SERVED))
+            .and_then(|v| match &v.kind {
+                Some(Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+        {
+            if self.record.served.as_deref() != Some(served.as_str()) {
+                tracing::debug!(request_id = %self.record.request_id, served = %served, picked = ?self.record.destinations, "served endpoint reported");
+            }
+            self.record.served = Some(served);
+        }
+    }
+
+    fn request_headers(
+        &mut self,
+        h: HttpHeaders,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<Step, StreamError> {
+        if self.phase != Phase::Start {
+            return Err(StreamError::OutOfOrder("request headers"));
+        }
+        let info = RequestInfo::from_headers(headers_of(h.headers));
+        self.record.request_id.clone_from(&info.request_id);
+        self.record.objective = info.headers.control(keys::OBJECTIVE).map(str::to_owned);
+        self.info = Some(info);
+
+        if h.end_of_stream || self.request_mode == BodySendMode::None {
+            // Nothing to read: route at once to a random endpoint.
+            let decision = self.director.route_without_body(&self.subset)?;
+            let (common, md) = self.routing(&decision, None);
+            out.push(wire::request_headers(common, Some(md)));
+            self.routed(&decision);
+            return Ok(Step::Continue);
+        }
+        match self.request_mode {
+            BodySendMode::FullDuplexStreamed => self.phase = Phase::CollectingBody,
+            BodySendMode::Buffered | BodySendMode::BufferedPartial => {
+                self.phase = Phase::AwaitingBufferedBody;
+                out.push(wire::request_headers(CommonResponse::default(), None));
+            }
+            BodySendMode::Streamed => return Err(StreamError::UnsupportedBodyMode("STREAMED")),
+            BodySendMode::Grpc => return Err(StreamError::UnsupportedBodyMode("GRPC")),
+            BodySendMode::None => {}
+        }
+        Ok(Step::Continue)
+    }
+
+    fn append(&mut self, body: Vec<u8>) -> Result<(), StreamError> {
+        self.body_len += body.len();
+        let limit = self.director.config().max_body_bytes;
+        if self.body_len > limit {
+            return Err(DirectorError::Request(RequestError::BodyTooLarge { limit }).into());
+        }
+        if !body.is_empty() {
+            self.chunks.push(body);
+        }
+        Ok(())
+    }
+
+    fn request_body(
+        &mut self,
+        b: HttpBody,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<Step, StreamError> {
+        match self.phase {
+            Phase::CollectingBody => {
+                self.append(b.body)?;
+                if b.end_of_stream {
+                    self.route_full_duplex(false, out)?;
+                }
+                Ok(Step::Continue)
+            }
+            Phase::AwaitingBufferedBody => {
+                // The whole (or, in BUFFERED_PARTIAL, the available) body is in this message.
+                self.append(b.body)?;
+                let mut chunks = std::mem::take(&mut self.chunks);
+                let body = if chunks.len() == 1 {
+                    chunks.pop().unwrap_or_default()
+                } else {
+                    chunks.concat()
+                };
+                let decision = self.decide(&body)?;
+                let content_length = decision.body.as_ref().map(Vec::len);
+                let (mut common, md) = self.routing(&decision, content_length);
+                if let Some(new_body) = decision.body.clone() {
+                    common.body_mutation = Some(BodyMutation {
+                        mutation: Some(body_mutation::Mutation::Body(new_body)),
+                    });
+                }
+                out.push(wire::request_body(common, Some(md)));
+                self.record.request_bytes = content_length.unwrap_or(body.len());
+                self.routed(&decision);
+                Ok(Step::Continue)
+            }
+            Phase::Routed => {
+                // Extra body messages after a decision (buffered partial): pass them on.
+                if self.request_mode == BodySendMode::FullDuplexStreamed {
+                    out.push(wire::request_body_chunk(b.body, b.end_of_stream));
+                } else {
+                    out.push(wire::request_body(CommonResponse::default(), None));
+                }
+                Ok(Step::Continue)
+            }
+            Phase::Start => Err(StreamError::OutOfOrder("request body before headers")),
+        }
+    }
+
+    fn request_trailers(&mut self, out: &mut Vec<ProcessingResponse>) -> Result<Step, StreamError> {
+        match self.phase {
+            Phase::CollectingBody => self.route_full_duplex(true, out)?,
+            Phase::AwaitingBufferedBody => {
+                // Trailers without a body message: route on an empty body (it will be a 400).
+                self.request_body(HttpBody::default(), out)?;
+            }
+            Phase::Start | Phase::Routed => {}
+        }
+        out.push(wire::trailers(true));
+        Ok(Step::Continue)
+    }
+
+    /// Full-duplex end of body: decide, then send the headers answer and the body chunks.
+    fn route_full_duplex(
+        &mut self,
+        trailers_follow: bool,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<(), StreamError> {
+        let chunks = std::mem::take(&mut self.chunks);
+        // Parse in place when the body arrived in one piece; join (the one copy) otherwise.
+        let joined: Cow<'_, [u8]> = match chunks.as_slice() {
+            [] => Cow::Borrowed(&[]),
+            [one] => Cow::Borrowed(one.as_slice()),
+            many => Cow::Owned(many.concat()),
+        };
+        let decision = self.decide(&joined)?;
+        drop(joined);
+        let body_chunks = match decision.body.clone() {
+            Some(new_body) => vec![new_body],
+            None => chunks,
+        };
+        let len: usize = body_chunks.iter().map(Vec::len).sum();
+        let (common, md) = self.routing(&decision, Some(len));
+        out.push(wire::request_headers(common, Some(md)));
+        wire::push_body_chunks(body_chunks, !trailers_follow, out);
+        self.record.request_bytes = len;
+        self.routed(&decision);
+        Ok(())
+    }
+
+    fn decide(&mut self, body: &[u8]) -> Result<Decision, StreamError> {
+        let Some(info) = &self.info else {
+            return Err(StreamError::OutOfOrder("request body before headers"));
+        };
+        let decision = self.director.route(info, body, &self.subset)?;
+        self.record.model.clone_from(&decision.model);
+        self.record.target_model.clone_from(&decision.target_model);
+        Ok(decision)
+    }
+
+    /// Header mutation and metadata of a decision.
+    fn routing(
+        &self,
+        decision: &Decision,
+        content_length: Option<usize>,
+    ) -> (CommonResponse, Struct) {
+        let mut headers = vec![wire::set_header(
+            keys::DESTINATION,
+            decision.destinations.as_bytes(),
+        )];
+        if let Some(len) = content_length {
+            headers.push(wire::set_header(
+                "content-length",
+                len.to_string().as_bytes(),
+            ));
+        }
+        if let Some(info) = self.info.as_ref().filter(|i| i.generated_id) {
+            headers.push(wire::set_header(
+                keys::REQUEST_ID,
+                info.request_id.as_bytes(),
+            ));
+        }
+        (
+            wire::routing_common(headers),
+            wire::lb_metadata(&decision.destinations),
+        )
+    }
+
+    fn routed(&mut self, decision: &Decision) {
+        self.phase = Phase::Routed;
+        self.record.destinations = Some(decision.destinations.clone());
+        self.observer.routed(&self.record);
+    }
+
+    fn response_headers(&mut self, h: &HttpHeaders) {
+        let sse = h.headers.as_ref().is_some_and(|m| {
+            m.headers.iter().any(|hv| {
+                hv.key.eq_ignore_ascii_case("content-type") && {
+                    let v: &[u8] = if hv.raw_value.is_empty() {
+                        hv.value.as_bytes()
+                    } else {
+                        &hv.raw_value
+                    };
+                    String::from_utf8_lossy(v).contains("text/event-stream")
+                }
+            })
+        });
+        self.record.streaming = sse;
+        self.usage = Some(UsageParser::new(sse));
+        if h.end_of_stream {
+            self.complete_response();
+        }
+    }
+
+    fn response_body(&mut self, b: HttpBody, out: &mut Vec<ProcessingResponse>) {
+        self.record.response_bytes += b.body.len();
+        self.usage
+            .get_or_insert_with(|| UsageParser::new(false))
+            .feed(&b.body);
+        let eos = b.end_of_stream;
+        if self.response_mode == BodySendMode::FullDuplexStreamed {
+            out.push(wire::response_body_chunk(b.body, eos));
+        } else {
+            out.push(wire::response_body_continue());
+        }
+        if eos {
+            self.complete_response();
+        }
+    }
+
+    fn complete_response(&mut self) {
+        if self.record.response_complete {
+            return;
+        }
+        self.record.response_complete = true;
+        if let Some(mut p) = self.usage.take() {
+            self.record.usage = p.finish();
+        }
+    }
+}
+
+impl Drop for ExtProcStream {
+    fn drop(&mut self) {
+        if !self.first {
+            self.observer.finished(&self.record);
+        }
+    }
+}
+
+/// Envoy's header map as owned `(name, value)` pairs: `raw_value` when set, else `value`.
+fn headers_of(map: Option<HeaderMap>) -> RequestHeaders {
+    let mut headers = RequestHeaders::default();
+    for hv in map.map(|m| m.headers).unwrap_or_default() {
+        let value = if hv.raw_value.is_empty() {
+            hv.value
+        } else {
+            String::from_utf8(hv.raw_value)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        };
+        headers.push(hv.key, value);
+    }
+    headers
+}
+
+/// The subset hint: absent namespace or key (or not a list) → all endpoints; a list → only
+/// the IPs it names (an empty or unparseable list allows none).
+fn subset_from(ns: Option<&Struct>) -> Subset {
+    let Some(list) = ns
+        .and_then(|s| s.fields.get(keys::DESTINATION_SUBSET))
+        .and_then(|v| match &v.kind {
+            Some(Kind::ListValue(l)) => Some(l),
+            _ => None,
+        })
+    else {
+        return Subset::All;
+    };
+    let ips = list
+        .values
+        .iter()
+        .filter_map(|v| match &v.kind {
+            Some(Kind::StringValue(s)) => parse_ip(s),
+            _ => None,
+        })
+        .collect();
+    Subset::Only(ips)
+}
+
+/// The IP of `ip:port`, `[v6]:port`, `[v6]` or a bare IP.
+fn parse_ip(s: &str) -> Option<std::net::IpAddr> {
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<std::net::SocketAddr>() {
+        return Some(addr.ip());
+    }
+    s.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subset_ip_parsing_is_ipv6_safe() {
+        assert_eq!(parse_ip("10.0.0.1:8000"), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(parse_ip("[fd00::1]:8000"), Some("fd00::1".parse().unwrap()));
+        assert_eq!(parse_ip("fd00::1"), Some("fd00::1".parse().unwrap()));
+        assert_eq!(parse_ip("10.0.0.1"), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(parse_ip("pod-a:80"), None);
+    }
+}
