@@ -152,3 +152,19 @@ impl ExternalProcessor for ExtProcService {
         Ok(Response::new(Box::pin(out)))
     }
 }
+
+/// Serves ext_proc over plaintext HTTP/2 (h2c) on `listener` until `shutdown` resolves, then
+/// drains open streams.
+pub async fn serve_plaintext(
+    listener: tokio::net::TcpListener,
+    service: ExtProcService,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+}
