@@ -14,6 +14,8 @@
 //! * [`prefix`]: the approximate prefix-cache index;
 //! * [`datalayer`]: endpoints and their metrics, published as snapshots.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod datalayer;
 pub mod prefix;

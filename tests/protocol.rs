@@ -10,8 +10,7 @@ use endpoint_picker::request::DirectorConfig;
 use envoy_types::pb::envoy::config::core::v3::Metadata;
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 
-const PROMPT_BODY: &str =
-    r#"{"max_tokens":100,"model":"my-model","prompt":"test1","temperature":0}"#;
+const PROMPT_BODY: &str = r#"{"max_tokens":100,"model":"my-model","prompt":"test1","temperature":0}"#;
 
 async fn seed_epp() -> Epp {
     start(SEED_CONFIG, DirectorConfig::default()).await
@@ -27,8 +26,7 @@ async fn lower_queue_and_kv_wins() {
     ]);
     for _ in 0..5 {
         let mut c = epp.open().await;
-        c.send(request_headers(&post("/v1/completions"), false))
-            .await;
+        c.send(request_headers(&post("/v1/completions"), false)).await;
         c.assert_silent().await; // the headers answer waits for the body
         c.send(request_body(PROMPT_BODY.as_bytes(), true)).await;
         let head = c.recv().await;
@@ -47,8 +45,7 @@ async fn invalid_json_is_a_400_with_the_reference_body() {
     let epp = seed_epp().await;
     epp.set_pool(&[("10.0.0.1:8000", 0, 0.0)]);
     let mut c = epp.open().await;
-    c.send(request_headers(&post("/v1/completions"), false))
-        .await;
+    c.send(request_headers(&post("/v1/completions"), false)).await;
     c.send(request_body(b"{\"model\": \"m\", \"prompt\": ", true))
         .await;
     let r = c.recv().await;
@@ -59,10 +56,7 @@ async fn invalid_json_is_a_400_with_the_reference_body() {
             "inference gateway: BadRequest - Error unmarshaling request body".into()
         )
     );
-    assert!(
-        c.end().await.unwrap().is_none(),
-        "stream must close cleanly"
-    );
+    assert!(c.end().await.unwrap().is_none(), "stream must close cleanly");
     let rec = epp.records.finished.lock();
     assert_eq!(rec.len(), 1);
     assert_eq!(rec[0].error, Some((400, "BadRequest")));
@@ -72,12 +66,7 @@ async fn invalid_json_is_a_400_with_the_reference_body() {
 async fn missing_model_and_missing_prompt_are_400() {
     let epp = seed_epp().await;
     epp.set_pool(&[("10.0.0.1:8000", 0, 0.0)]);
-    let (r, _) = chat(
-        &epp,
-        r#"{"messages":[{"role":"user","content":"hi"}]}"#,
-        &[],
-    )
-    .await;
+    let (r, _) = chat(&epp, r#"{"messages":[{"role":"user","content":"hi"}]}"#, &[]).await;
     assert_eq!(
         immediate(&r),
         (
@@ -190,10 +179,7 @@ async fn oversized_chunk_is_cut_into_62000_byte_pieces() {
         }
     }
     assert_eq!(sizes.iter().sum::<usize>(), body.len());
-    assert!(
-        sizes[..sizes.len() - 1].iter().all(|s| *s == 62_000),
-        "{sizes:?}"
-    );
+    assert!(sizes[..sizes.len() - 1].iter().all(|s| *s == 62_000), "{sizes:?}");
 }
 
 #[tokio::test]
@@ -213,11 +199,7 @@ async fn header_only_request_is_routed_at_once() {
         assert!(set_header(&r, "content-length").is_none());
         seen.insert(d);
     }
-    assert_eq!(
-        seen.len(),
-        2,
-        "random pick should reach both endpoints: {seen:?}"
-    );
+    assert_eq!(seen.len(), 2, "random pick should reach both endpoints: {seen:?}");
 }
 
 #[tokio::test]
@@ -234,11 +216,8 @@ async fn subset_hint_all_some_none() {
         let body = body.clone();
         async move {
             let mut c = epp.open().await;
-            c.send_with_metadata(
-                request_headers(&post("/v1/chat/completions"), false),
-                md.clone(),
-            )
-            .await;
+            c.send_with_metadata(request_headers(&post("/v1/chat/completions"), false), md.clone())
+                .await;
             c.send_with_metadata(request_body(body.as_bytes(), true), md)
                 .await;
             c.recv().await
@@ -255,7 +234,11 @@ async fn subset_hint_all_some_none() {
     let r = run(Some(subset(&[]))).await;
     assert_eq!(
         immediate(&r),
-        (503, "inference gateway: ServiceUnavailable - failed to find candidate pods for serving the request".into())
+        (
+            503,
+            "inference gateway: ServiceUnavailable - failed to find candidate pods for serving the request"
+                .into()
+        )
     );
     // Header-only requests honour the hint too.
     let mut c = epp.open().await;
@@ -290,8 +273,7 @@ async fn unsynced_pool_fails_the_stream_so_the_gateway_failure_mode_applies() {
     let mut c = epp.open().await;
     c.send(request_headers(&post("/v1/chat/completions"), false))
         .await;
-    c.send(request_body(chat_body("m", "hi").as_bytes(), true))
-        .await;
+    c.send(request_body(chat_body("m", "hi").as_bytes(), true)).await;
     let err = c.end().await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
 }
@@ -303,15 +285,11 @@ async fn response_path_passes_chunks_through_and_reads_json_usage() {
     let mut c = epp.open().await;
     c.send(request_headers(&post("/v1/chat/completions"), false))
         .await;
-    c.send(request_body(chat_body("m", "hi").as_bytes(), true))
-        .await;
+    c.send(request_body(chat_body("m", "hi").as_bytes(), true)).await;
     c.recv().await;
     c.recv().await;
     c.send_with_metadata(
-        response_headers(
-            &[(":status", "200"), ("content-type", "application/json")],
-            false,
-        ),
+        response_headers(&[(":status", "200"), ("content-type", "application/json")], false),
         Some(served("10.0.0.1:8000")),
     )
     .await;
@@ -341,11 +319,7 @@ async fn response_path_passes_chunks_through_and_reads_json_usage() {
     assert!(rec.response_complete && !rec.streaming);
     let usage = rec.usage.unwrap();
     assert_eq!(
-        (
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            usage.total_tokens
-        ),
+        (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens),
         (Some(239), Some(24), Some(263))
     );
 }
@@ -405,8 +379,7 @@ async fn buffered_mode_answers_headers_at_once_and_routes_on_the_body_message() 
         .open()
         .await
         .with_modes(BodySendMode::Buffered, BodySendMode::None);
-    c.send(request_headers(&post("/v1/completions"), false))
-        .await;
+    c.send(request_headers(&post("/v1/completions"), false)).await;
     let head = c.recv().await;
     assert!(is_request_headers(&head));
     assert!(
@@ -493,10 +466,7 @@ schedulingProfiles:
         ("10.0.0.4:8000", 9, 0.0),
     ]);
     let (r, _) = chat(&epp, &chat_body("m", "hi"), &[]).await;
-    assert_eq!(
-        destination(&r),
-        "10.0.0.2:8000,[fd00::9]:8000,10.0.0.1:8000"
-    );
+    assert_eq!(destination(&r), "10.0.0.2:8000,[fd00::9]:8000,10.0.0.1:8000");
 
     // A gateway that takes exactly one endpoint (ORIGINAL_DST) gets one.
     let one = start(
@@ -540,8 +510,7 @@ async fn model_rewrite_splices_the_body_and_keeps_everything_else() {
     .await;
     assert_eq!(
         echoed,
-        "{ \"model\" : \"m\" , \"messages\":[{\"role\":\"user\",\"content\":\"\\u00e9\"}] }"
-            .as_bytes()
+        "{ \"model\" : \"m\" , \"messages\":[{\"role\":\"user\",\"content\":\"\\u00e9\"}] }".as_bytes()
     );
 }
 
@@ -557,8 +526,7 @@ async fn oversized_body_is_a_413_not_an_oom() {
     .await;
     epp.set_pool(&[("10.0.0.1:8000", 0, 0.0)]);
     let mut c = epp.open().await;
-    c.send(request_headers(&post("/v1/completions"), false))
-        .await;
+    c.send(request_headers(&post("/v1/completions"), false)).await;
     c.send(request_body(&[b' '; 60_000], false)).await;
     c.send(request_body(&[b' '; 60_000], false)).await;
     let (status, body) = immediate(&c.recv().await);
@@ -619,7 +587,8 @@ schedulingProfiles:
 ";
     let epp = start(config, DirectorConfig::default()).await;
     epp.set_pool(&[("10.0.0.1:3000", 0, 0.0), ("10.0.0.2:3000", 0, 0.0)]);
-    let body = r#"{"model":"conformance-fake-model","prompt":"Write as if you were a critic: San Francisco"}"#;
+    let body =
+        r#"{"model":"conformance-fake-model","prompt":"Write as if you were a critic: San Francisco"}"#;
     let mut c = epp.open().await;
     let mut h = post("/v1/completions");
     h.push(("test-epp-endpoint-selection", "10.0.0.2"));
@@ -627,8 +596,7 @@ schedulingProfiles:
     c.send(request_body(body.as_bytes(), true)).await;
     assert_eq!(destination(&c.recv().await), "10.0.0.2:3000");
     let mut c = epp.open().await;
-    c.send(request_headers(&post("/v1/completions"), false))
-        .await;
+    c.send(request_headers(&post("/v1/completions"), false)).await;
     c.send(request_body(body.as_bytes(), true)).await;
     assert_eq!(immediate(&c.recv().await).0, 429);
 }
@@ -639,16 +607,12 @@ async fn out_of_order_and_unsupported_modes_are_errors() {
     epp.set_pool(&[("10.0.0.1:8000", 0, 0.0)]);
     let mut c = epp.open().await;
     c.send(request_body(b"{}", true)).await;
-    assert_eq!(
-        c.end().await.unwrap_err().code(),
-        tonic::Code::FailedPrecondition
-    );
+    assert_eq!(c.end().await.unwrap_err().code(), tonic::Code::FailedPrecondition);
     let mut c = epp
         .open()
         .await
         .with_modes(BodySendMode::Streamed, BodySendMode::None);
-    c.send(request_headers(&post("/v1/completions"), false))
-        .await;
+    c.send(request_headers(&post("/v1/completions"), false)).await;
     let (status, body) = immediate(&c.recv().await);
     assert_eq!(status, 500);
     assert!(body.contains("STREAMED"), "{body}");

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use super::{ConfigError, ConfigErrorKind, EndpointPickerConfig};
 use crate::scheduling::plugins::{self, PluginError};
 use crate::scheduling::{
-    EndpointsChanged, Filter, Named, Picker, PluginHandle, PreRequest, Profile, ProfileHandler,
-    Scheduler, WeightedScorer,
+    EndpointsChanged, Filter, Named, Picker, PluginHandle, PreRequest, Profile, ProfileHandler, Scheduler,
+    WeightedScorer,
 };
 
 /// A profile as written: name and `(pluginRef, weight)` entries.
@@ -112,9 +112,8 @@ impl EndpointPickerConfig {
         {
             Some(p) => p,
             None => {
-                let handle = plugins::build("max-score-picker", &serde_yaml::Value::Null).map_err(
-                    |source| self.plugin_error("max-score-picker", "max-score-picker", source),
-                )?;
+                let handle = plugins::build("max-score-picker", &serde_yaml::Value::Null)
+                    .map_err(|source| self.plugin_error("max-score-picker", "max-score-picker", source))?;
                 let name: Arc<str> = "max-score-picker".into();
                 let picker = handle.picker.clone();
                 instances.push(Instance {
@@ -181,13 +180,9 @@ impl EndpointPickerConfig {
             .collect();
         let (name, type_name, handler) = match handlers.len() {
             0 if profiles == 1 => {
-                let handle = plugins::build("single-profile-handler", &serde_yaml::Value::Null)
-                    .map_err(|source| {
-                        self.plugin_error(
-                            "single-profile-handler",
-                            "single-profile-handler",
-                            source,
-                        )
+                let handle =
+                    plugins::build("single-profile-handler", &serde_yaml::Value::Null).map_err(|source| {
+                        self.plugin_error("single-profile-handler", "single-profile-handler", source)
                     })?;
                 let name: Arc<str> = "single-profile-handler".into();
                 let Some(h) = handle.profile_handler.clone() else {
@@ -207,9 +202,10 @@ impl EndpointPickerConfig {
                     "no profile handler was specified for {profiles} profiles"
                 ))));
             }
-            1 => handlers.into_iter().next().ok_or_else(|| {
-                self.error(ConfigErrorKind::ProfileHandler("no profile handler".into()))
-            })?,
+            1 => handlers
+                .into_iter()
+                .next()
+                .ok_or_else(|| self.error(ConfigErrorKind::ProfileHandler("no profile handler".into())))?,
             _ => {
                 let names: Vec<&str> = handlers.iter().map(|h| &*h.0).collect();
                 return Err(self.error(ConfigErrorKind::ProfileHandler(format!(
@@ -298,12 +294,7 @@ impl EndpointPickerConfig {
         for (section, layer) in [("data", &file.data), ("dataLayer", &file.data_layer)] {
             for source in layer.iter().flat_map(|l| &l.sources) {
                 refs.push((section, &source.plugin_ref));
-                refs.extend(
-                    source
-                        .extractors
-                        .iter()
-                        .map(|e| (section, e.plugin_ref.as_str())),
-                );
+                refs.extend(source.extractors.iter().map(|e| (section, e.plugin_ref.as_str())));
             }
         }
         if let Some(p) = &file.parser {

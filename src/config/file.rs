@@ -7,10 +7,7 @@
 use serde::Deserialize;
 
 /// API versions accepted in `apiVersion`.
-pub const API_VERSIONS: &[&str] = &[
-    "inference.networking.x-k8s.io/v1alpha1",
-    "llm-d.ai/v1alpha1",
-];
+pub const API_VERSIONS: &[&str] = &["inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1"];
 /// The only accepted `kind`.
 pub const KIND: &str = "EndpointPickerConfig";
 /// Feature gates of the reference up to v1.5; others are refused as v1.5 does.

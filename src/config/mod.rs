@@ -98,9 +98,7 @@ pub enum ConfigErrorKind {
         plugin_ref: String,
     },
     /// More than one picker in a profile.
-    #[error(
-        "profile '{profile}' has two pickers, '{first}' and '{second}'; a profile takes exactly one"
-    )]
+    #[error("profile '{profile}' has two pickers, '{first}' and '{second}'; a profile takes exactly one")]
     TwoPickers {
         /// Profile name.
         profile: String,
@@ -157,8 +155,7 @@ impl EndpointPickerConfig {
             origin: origin.clone(),
             kind,
         };
-        let file: ConfigFile =
-            serde_yaml::from_str(text).map_err(|e| err(ConfigErrorKind::Decode(e)))?;
+        let file: ConfigFile = serde_yaml::from_str(text).map_err(|e| err(ConfigErrorKind::Decode(e)))?;
         if !file::API_VERSIONS.contains(&file.api_version.as_str()) {
             return Err(err(ConfigErrorKind::ApiVersion(file.api_version)));
         }

@@ -13,8 +13,7 @@ fn load_err(text: &str) -> String {
     }
 }
 
-const HEAD: &str =
-    "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n";
+const HEAD: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n";
 
 #[test]
 fn seed_config_map_loads_with_defaults_filled_in() {
@@ -22,11 +21,7 @@ fn seed_config_map_loads_with_defaults_filled_in() {
     assert_eq!(s.profiles().len(), 1);
     let p = &s.profiles()[0];
     assert_eq!(&*p.name, "default");
-    let scorers: Vec<(&str, f64)> = p
-        .scorers
-        .iter()
-        .map(|w| (&*w.scorer.name, w.weight))
-        .collect();
+    let scorers: Vec<(&str, f64)> = p.scorers.iter().map(|w| (&*w.scorer.name, w.weight)).collect();
     assert_eq!(
         scorers,
         vec![
@@ -116,9 +111,7 @@ fn unknown_fields_are_named() {
         "{HEAD}plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n    wieght: 2\n"
     ));
     assert!(e.contains("unknown field `wieght`"), "{e}");
-    let e = load_err(&format!(
-        "{HEAD}plugins:\n- type: queue-scorer\n  params: {{}}\n"
-    ));
+    let e = load_err(&format!("{HEAD}plugins:\n- type: queue-scorer\n  params: {{}}\n"));
     assert!(e.contains("unknown field `params`"), "{e}");
     let e = load_err(&format!("{HEAD}plugins: []\nplugins: []\n"));
     assert!(e.contains("duplicate"), "{e}");
@@ -148,9 +141,7 @@ fn plugin_mistakes_are_named() {
     assert!(e.contains("duplicate plugin name 'a'"), "{e}");
     let e = load_err(&format!("{HEAD}plugins:\n- name: mine\n"));
     assert!(e.contains("'mine' is missing a type"), "{e}");
-    let e = load_err(&format!(
-        "{HEAD}plugins:\n- name: f\n  type: low-queue-filter\n"
-    ));
+    let e = load_err(&format!("{HEAD}plugins:\n- name: f\n  type: low-queue-filter\n"));
     assert!(
         e.contains("plugin 'f' (type 'low-queue-filter')") && e.contains("not found in registry"),
         "{e}"
@@ -216,8 +207,7 @@ fn duplicate_and_empty_profile_names_are_refused() {
 
 #[test]
 fn missing_file_names_the_path() {
-    let e =
-        EndpointPickerConfig::from_file(std::path::Path::new("/nonexistent/epp.yaml")).unwrap_err();
+    let e = EndpointPickerConfig::from_file(std::path::Path::new("/nonexistent/epp.yaml")).unwrap_err();
     assert!(
         e.to_string()
             .starts_with("config /nonexistent/epp.yaml: cannot read"),

@@ -122,10 +122,7 @@ mod tests {
 
     #[test]
     fn hostport_brackets_ipv6() {
-        assert_eq!(
-            format_hostport("10.0.0.1:8000".parse().unwrap()),
-            "10.0.0.1:8000"
-        );
+        assert_eq!(format_hostport("10.0.0.1:8000".parse().unwrap()), "10.0.0.1:8000");
         assert_eq!(
             format_hostport("[fd00::1]:8000".parse().unwrap()),
             "[fd00::1]:8000"

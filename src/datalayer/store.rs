@@ -44,9 +44,7 @@ impl Snapshot {
 
     /// The endpoint at `address`, if present.
     pub fn find(&self, address: SocketAddr) -> Option<&EndpointState> {
-        self.endpoints
-            .iter()
-            .find(|e| e.endpoint.address == address)
+        self.endpoints.iter().find(|e| e.endpoint.address == address)
     }
 }
 
@@ -95,15 +93,13 @@ impl EndpointStore {
         let old = self.current.load();
         let next: Vec<EndpointState> = endpoints
             .into_iter()
-            .map(
-                |ep| match old.endpoints.iter().find(|s| *s.endpoint == ep) {
-                    Some(existing) => existing.clone(),
-                    None => EndpointState {
-                        endpoint: Arc::new(ep),
-                        metrics: Arc::new(Metrics::default()),
-                    },
+            .map(|ep| match old.endpoints.iter().find(|s| *s.endpoint == ep) {
+                Some(existing) => existing.clone(),
+                None => EndpointState {
+                    endpoint: Arc::new(ep),
+                    metrics: Arc::new(Metrics::default()),
                 },
-            )
+            })
             .collect();
         let same_set = old.synced
             && next.len() == old.endpoints.len()

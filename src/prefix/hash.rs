@@ -31,13 +31,7 @@ pub fn chain_seed(model: &str, cache_salt: Option<&str>) -> u64 {
 
 /// Appends to `out` the chained hashes of the first `max_blocks` full blocks of `input`.
 /// `block_bytes` of 0 is treated as 1.
-pub fn block_hashes_into(
-    seed: u64,
-    input: &[u8],
-    block_bytes: usize,
-    max_blocks: usize,
-    out: &mut Vec<u64>,
-) {
+pub fn block_hashes_into(seed: u64, input: &[u8], block_bytes: usize, max_blocks: usize, out: &mut Vec<u64>) {
     let block_bytes = block_bytes.max(1);
     let blocks = (input.len() / block_bytes).min(max_blocks);
     out.reserve(blocks);

@@ -2,8 +2,10 @@
 //!
 //! Layout: one open-addressing table (linear probing) whose slots are also the nodes of an
 //! intrusive doubly linked recency list. A slot is 16 bytes (hash + two `u32` links) and the
-//! table is kept at most 7/8 full, so a full set costs about 18 bytes per entry, with no
-//! per-entry allocation. Removal uses backward-shift deletion, so there are no tombstones and
+//! table is kept at most 70% full, so a full set costs about 23 bytes per entry, with no
+//! per-entry allocation. (Fuller tables save memory but lengthen probe runs, and every entry
+//! a deletion shifts costs two random writes to patch its links: at 7/8 load an insert into a
+//! full set was 2.5× slower.) Removal uses backward-shift deletion, so there are no tombstones and
 //! probe lengths stay short however long the set churns.
 //!
 //! Hash value 0 marks an empty slot; a real hash of 0 is stored as 1 (a collision of two
@@ -12,6 +14,9 @@
 const NIL: u32 = u32::MAX;
 const EMPTY: u64 = 0;
 const MIN_SLOTS: usize = 16;
+/// Maximum load factor `LOAD_NUM / LOAD_DEN`.
+const LOAD_NUM: usize = 7;
+const LOAD_DEN: usize = 10;
 
 #[derive(Debug, Clone, Copy)]
 struct Slot {
@@ -44,11 +49,7 @@ fn stored(hash: u64) -> u64 {
 
 /// Whether `x` lies in the cyclic interval `(a, b]`.
 fn in_cyclic_range(x: usize, a: usize, b: usize) -> bool {
-    if a <= b {
-        a < x && x <= b
-    } else {
-        a < x || x <= b
-    }
+    if a <= b { a < x && x <= b } else { a < x || x <= b }
 }
 
 impl LruSet {
@@ -65,9 +66,9 @@ impl LruSet {
         }
     }
 
-    /// Table size at which `capacity` entries fill it to at most 7/8.
+    /// Table size at which `capacity` entries fill it to at most the maximum load.
     fn max_slots(capacity: u32) -> usize {
-        (capacity as usize * 8).div_ceil(7) + 1
+        (capacity as usize * LOAD_DEN).div_ceil(LOAD_NUM) + 1
     }
 
     /// Number of hashes held.
@@ -133,7 +134,7 @@ impl LruSet {
         }
         if self.len >= self.capacity {
             self.remove_at(self.tail as usize);
-        } else if (self.len as usize + 1) * 8 > self.slots.len() * 7 {
+        } else if (self.len as usize + 1) * LOAD_DEN > self.slots.len() * LOAD_NUM {
             self.grow();
         }
         let i = match self.find(hash) {
@@ -310,10 +311,7 @@ mod tests {
                 assert_eq!(set.len(), model.len());
                 assert!(set.len() <= set.capacity());
             }
-            assert_eq!(
-                set.iter_recent().collect::<Vec<_>>(),
-                Vec::from(model.clone())
-            );
+            assert_eq!(set.iter_recent().collect::<Vec<_>>(), Vec::from(model.clone()));
             for k in &model {
                 assert!(set.contains(*k));
             }
@@ -321,7 +319,7 @@ mod tests {
     }
 
     #[test]
-    fn full_set_stays_under_20_bytes_per_entry() {
+    fn full_set_stays_within_24_bytes_per_entry() {
         let mut set = LruSet::new(31_250);
         let mut rng = 1;
         for _ in 0..100_000 {
@@ -329,6 +327,6 @@ mod tests {
         }
         assert_eq!(set.len(), 31_250);
         let per_entry = set.allocated_bytes() as f64 / set.len() as f64;
-        assert!(per_entry <= 20.0, "{per_entry} bytes per entry");
+        assert!(per_entry <= 24.0, "{per_entry} bytes per entry");
     }
 }

@@ -51,17 +51,13 @@ impl StreamError {
                     immediate(413, "PayloadTooLarge", d)
                 }
                 DirectorError::Request(_) => immediate(400, "BadRequest", d),
-                DirectorError::NotSynced => {
-                    ErrorAnswer::Abort(tonic::Status::unavailable(d.to_string()))
-                }
+                DirectorError::NotSynced => ErrorAnswer::Abort(tonic::Status::unavailable(d.to_string())),
                 DirectorError::NoEndpoints => immediate(500, "Internal", d),
                 DirectorError::NoCandidates => immediate(503, "ServiceUnavailable", d),
                 DirectorError::Scheduling(_) => immediate(429, "InferencePoolResourceExhausted", d),
             },
             Self::UnsupportedBodyMode(_) => immediate(500, "Internal", self),
-            Self::OutOfOrder(_) => {
-                ErrorAnswer::Abort(tonic::Status::failed_precondition(self.to_string()))
-            }
+            Self::OutOfOrder(_) => ErrorAnswer::Abort(tonic::Status::failed_precondition(self.to_string())),
         }
     }
 }

@@ -19,8 +19,7 @@ use envoy_types::pb::envoy::config::core::v3::{HeaderMap, Metadata};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyMutation, CommonResponse, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
-    body_mutation,
+    BodyMutation, CommonResponse, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, body_mutation,
 };
 use envoy_types::pb::google::protobuf::{Struct, value::Kind};
 
@@ -219,11 +218,7 @@ impl ExtProcStream {
         Ok(())
     }
 
-    fn request_body(
-        &mut self,
-        b: HttpBody,
-        out: &mut Vec<ProcessingResponse>,
-    ) -> Result<Step, StreamError> {
+    fn request_body(&mut self, b: HttpBody, out: &mut Vec<ProcessingResponse>) -> Result<Step, StreamError> {
         match self.phase {
             Phase::CollectingBody => {
                 self.append(b.body)?;
@@ -319,26 +314,16 @@ impl ExtProcStream {
     }
 
     /// Header mutation and metadata of a decision.
-    fn routing(
-        &self,
-        decision: &Decision,
-        content_length: Option<usize>,
-    ) -> (CommonResponse, Struct) {
+    fn routing(&self, decision: &Decision, content_length: Option<usize>) -> (CommonResponse, Struct) {
         let mut headers = vec![wire::set_header(
             keys::DESTINATION,
             decision.destinations.as_bytes(),
         )];
         if let Some(len) = content_length {
-            headers.push(wire::set_header(
-                "content-length",
-                len.to_string().as_bytes(),
-            ));
+            headers.push(wire::set_header("content-length", len.to_string().as_bytes()));
         }
         if let Some(info) = self.info.as_ref().filter(|i| i.generated_id) {
-            headers.push(wire::set_header(
-                keys::REQUEST_ID,
-                info.request_id.as_bytes(),
-            ));
+            headers.push(wire::set_header(keys::REQUEST_ID, info.request_id.as_bytes()));
         }
         (
             wire::routing_common(headers),

@@ -96,13 +96,11 @@ fn streamed(body: Vec<u8>, end_of_stream: bool) -> BodyResponse {
     BodyResponse {
         response: Some(CommonResponse {
             body_mutation: Some(BodyMutation {
-                mutation: Some(body_mutation::Mutation::StreamedResponse(
-                    StreamedBodyResponse {
-                        body,
-                        end_of_stream,
-                        ..StreamedBodyResponse::default()
-                    },
-                )),
+                mutation: Some(body_mutation::Mutation::StreamedResponse(StreamedBodyResponse {
+                    body,
+                    end_of_stream,
+                    ..StreamedBodyResponse::default()
+                })),
             }),
             ..CommonResponse::default()
         }),
@@ -188,14 +186,12 @@ mod tests {
     fn chunk_sizes(out: &[ProcessingResponse]) -> Vec<(usize, bool)> {
         out.iter()
             .map(|r| match &r.response {
-                Some(Response::RequestBody(BodyResponse { response: Some(c) })) => {
-                    match &c.body_mutation {
-                        Some(BodyMutation {
-                            mutation: Some(body_mutation::Mutation::StreamedResponse(s)),
-                        }) => (s.body.len(), s.end_of_stream),
-                        _ => panic!("not streamed"),
-                    }
-                }
+                Some(Response::RequestBody(BodyResponse { response: Some(c) })) => match &c.body_mutation {
+                    Some(BodyMutation {
+                        mutation: Some(body_mutation::Mutation::StreamedResponse(s)),
+                    }) => (s.body.len(), s.end_of_stream),
+                    _ => panic!("not streamed"),
+                },
                 _ => panic!("not a body response"),
             })
             .collect()

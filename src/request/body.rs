@@ -109,10 +109,7 @@ fn span_in(outer: &[u8], inner: &str) -> Option<Range<usize>> {
 
 /// The prompt-carrying field, validated: a non-empty string, or a non-empty array (or, for
 /// responses/embeddings input, any non-null value).
-fn prompt_input<'a>(
-    raw: Option<&'a RawValue>,
-    api: ApiKind,
-) -> Result<Cow<'a, [u8]>, RequestError> {
+fn prompt_input<'a>(raw: Option<&'a RawValue>, api: ApiKind) -> Result<Cow<'a, [u8]>, RequestError> {
     let missing = RequestError::PromptMissing {
         field: api.prompt_field(),
     };
@@ -130,14 +127,15 @@ fn prompt_input<'a>(
             })
         }
         Some(b'[') => {
-            let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|_| missing.clone())?;
-            if items.is_empty() {
-                return Err(missing);
+            // The document is already validated JSON: one look past `[` tells an empty array
+            // and, for chat, whether messages are objects, without a second full pass.
+            let first = text[1..].trim_start().as_bytes().first().copied();
+            match first {
+                Some(b']') | None => Err(missing),
+                Some(b'{') => Ok(Cow::Borrowed(text.as_bytes())),
+                Some(_) if api == ApiKind::ChatCompletions => Err(missing),
+                Some(_) => Ok(Cow::Borrowed(text.as_bytes())),
             }
-            if api == ApiKind::ChatCompletions && items.iter().any(|m| !m.get().starts_with('{')) {
-                return Err(missing);
-            }
-            Ok(Cow::Borrowed(text.as_bytes()))
         }
         Some(b'{') if matches!(api, ApiKind::Responses | ApiKind::Embeddings) => {
             Ok(Cow::Borrowed(text.as_bytes()))
@@ -233,14 +231,9 @@ mod tests {
 
     #[test]
     fn list_prompt_and_chat_use_raw_json() {
-        let p = parse(
-            r#"{"model":"m","prompt":["a","b"]}"#,
-            Some("/v1/completions"),
-        )
-        .unwrap();
+        let p = parse(r#"{"model":"m","prompt":["a","b"]}"#, Some("/v1/completions")).unwrap();
         assert_eq!(&*p.prefix_input, br#"["a","b"]"#);
-        let body =
-            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]}"#;
+        let body = r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]}"#;
         let p = parse(body, Some("/v1/chat/completions")).unwrap();
         assert_eq!(p.api, ApiKind::ChatCompletions);
         assert!(
@@ -256,14 +249,8 @@ mod tests {
             ApiKind::from_path("/v1/chat/completions?x=1"),
             Some(ApiKind::ChatCompletions)
         );
-        assert_eq!(
-            ApiKind::from_path("/v1/embeddings"),
-            Some(ApiKind::Embeddings)
-        );
-        assert_eq!(
-            ApiKind::from_path("/v1/responses/"),
-            Some(ApiKind::Responses)
-        );
+        assert_eq!(ApiKind::from_path("/v1/embeddings"), Some(ApiKind::Embeddings));
+        assert_eq!(ApiKind::from_path("/v1/responses/"), Some(ApiKind::Responses));
         assert_eq!(ApiKind::from_path("/generate"), None);
         let p = parse(
             r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#,
@@ -284,10 +271,7 @@ mod tests {
             parse(r#"{"model":"m","prompt":"x"} trailing"#, None),
             Err(RequestError::InvalidJson)
         );
-        assert_eq!(
-            parse(r#"{"prompt":"x"}"#, None),
-            Err(RequestError::ModelMissing)
-        );
+        assert_eq!(parse(r#"{"prompt":"x"}"#, None), Err(RequestError::ModelMissing));
         assert_eq!(
             parse(r#"{"model":5,"prompt":"x"}"#, None),
             Err(RequestError::ModelMissing)
@@ -301,17 +285,11 @@ mod tests {
             Err(RequestError::PromptMissing { field: "prompt" })
         );
         assert_eq!(
-            parse(
-                r#"{"model":"m","messages":[]}"#,
-                Some("/v1/chat/completions")
-            ),
+            parse(r#"{"model":"m","messages":[]}"#, Some("/v1/chat/completions")),
             Err(RequestError::PromptMissing { field: "messages" })
         );
         assert_eq!(
-            parse(
-                r#"{"model":"m","messages":["x"]}"#,
-                Some("/v1/chat/completions")
-            ),
+            parse(r#"{"model":"m","messages":["x"]}"#, Some("/v1/chat/completions")),
             Err(RequestError::PromptMissing { field: "messages" })
         );
         assert_eq!(

@@ -145,11 +145,7 @@ pub struct Director {
 
 impl Director {
     /// A director over `store` and `scheduler`.
-    pub fn new(
-        store: Arc<EndpointStore>,
-        scheduler: Arc<Scheduler>,
-        config: DirectorConfig,
-    ) -> Self {
+    pub fn new(store: Arc<EndpointStore>, scheduler: Arc<Scheduler>, config: DirectorConfig) -> Self {
         Self {
             store,
             scheduler,
@@ -172,11 +168,7 @@ impl Director {
         &self.store
     }
 
-    fn candidates<'s>(
-        &self,
-        endpoints: &'s [EndpointState],
-        subset: &Subset,
-    ) -> Vec<&'s EndpointState> {
+    fn candidates<'s>(&self, endpoints: &'s [EndpointState], subset: &Subset) -> Vec<&'s EndpointState> {
         if self.config.ignore_subset_hint {
             return endpoints.iter().collect();
         }
@@ -211,17 +203,9 @@ impl Director {
     }
 
     /// A complete request body: parse, schedule, run pre-request hooks, rewrite if needed.
-    pub fn route(
-        &self,
-        info: &RequestInfo,
-        body: &[u8],
-        subset: &Subset,
-    ) -> Result<Decision, DirectorError> {
+    pub fn route(&self, info: &RequestInfo, body: &[u8], subset: &Subset) -> Result<Decision, DirectorError> {
         let parsed = parse_body(body, info.headers.path())?;
-        let target_model = info
-            .headers
-            .control(keys::MODEL_REWRITE)
-            .unwrap_or(&parsed.model);
+        let target_model = info.headers.control(keys::MODEL_REWRITE).unwrap_or(&parsed.model);
 
         let snapshot = self.store.load();
         if !snapshot.is_synced() {

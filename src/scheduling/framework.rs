@@ -97,8 +97,7 @@ pub trait Scorer: Send + Sync {
 /// Chooses endpoints from scored candidates.
 pub trait Picker: Send + Sync {
     /// Indices into `candidates`, best first, at most the picker's endpoint count.
-    fn pick(&self, candidates: &[&EndpointState], scores: &[f64], rng: &mut SmallRng)
-    -> Vec<usize>;
+    fn pick(&self, candidates: &[&EndpointState], scores: &[f64], rng: &mut SmallRng) -> Vec<usize>;
 }
 
 /// The outcome of running one profile.
@@ -138,10 +137,7 @@ pub trait ProfileHandler: Send + Sync {
     fn pick_profiles(&self, profile_names: &[Arc<str>], runs: &[ProfileRun]) -> Vec<usize>;
 
     /// Builds the cycle's result from all runs.
-    fn process_results(
-        &self,
-        runs: Vec<ProfileRun>,
-    ) -> Result<SchedulingResult, super::SchedulingError>;
+    fn process_results(&self, runs: Vec<ProfileRun>) -> Result<SchedulingResult, super::SchedulingError>;
 }
 
 /// Runs after the decision, before the request is forwarded (e.g. records the pick in the

@@ -76,9 +76,7 @@ impl Profile {
         }
         let mut filtered: Option<Vec<&'s EndpointState>> = None;
         for f in &self.filters {
-            let next = f
-                .plugin
-                .filter(req, filtered.as_deref().unwrap_or(candidates));
+            let next = f.plugin.filter(req, filtered.as_deref().unwrap_or(candidates));
             if next.is_empty() {
                 return Err(SchedulingError::FilteredOut {
                     profile: self.name.to_string(),
@@ -201,10 +199,7 @@ impl Scheduler {
         let mut runs: Vec<ProfileRun> = Vec::with_capacity(self.profiles.len());
         // A handler that keeps asking for profiles cannot loop forever: each runs once.
         for _ in 0..=self.profiles.len() {
-            let next = self
-                .handler
-                .plugin
-                .pick_profiles(&self.profile_names, &runs);
+            let next = self.handler.plugin.pick_profiles(&self.profile_names, &runs);
             let fresh: Vec<usize> = next
                 .into_iter()
                 .filter(|i| *i < self.profiles.len() && !runs.iter().any(|r| r.profile == *i))
@@ -242,10 +237,7 @@ impl Scheduler {
     }
 
     /// A uniformly random candidate, for requests that carry no body to schedule on.
-    pub fn random_endpoint<'s>(
-        &self,
-        candidates: &[&'s EndpointState],
-    ) -> Option<&'s EndpointState> {
+    pub fn random_endpoint<'s>(&self, candidates: &[&'s EndpointState]) -> Option<&'s EndpointState> {
         if candidates.is_empty() {
             return None;
         }

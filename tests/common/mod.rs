@@ -15,8 +15,8 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::Ex
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyResponse, CommonResponse, HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest,
-    ProcessingResponse, ProtocolConfiguration, body_mutation,
+    BodyResponse, CommonResponse, HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse,
+    ProtocolConfiguration, body_mutation,
 };
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use parking_lot::Mutex;
@@ -351,11 +351,7 @@ pub fn destination(r: &ProcessingResponse) -> String {
 
 /// The bytes and end-of-stream flag of a streamed body answer.
 pub fn streamed(r: &ProcessingResponse) -> (Vec<u8>, bool) {
-    match &common(r)
-        .body_mutation
-        .as_ref()
-        .and_then(|m| m.mutation.as_ref())
-    {
+    match &common(r).body_mutation.as_ref().and_then(|m| m.mutation.as_ref()) {
         Some(body_mutation::Mutation::StreamedResponse(s)) => (s.body.clone(), s.end_of_stream),
         other => panic!("not a streamed body: {other:?}"),
     }

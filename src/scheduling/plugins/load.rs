@@ -33,12 +33,7 @@ fn min_max_inverse(candidates: &[&EndpointState], value: fn(&Metrics) -> u32, sc
 pub struct QueueScorer;
 
 impl Scorer for QueueScorer {
-    fn score(
-        &self,
-        _req: &SchedulingRequest<'_>,
-        candidates: &[&EndpointState],
-        scores: &mut [f64],
-    ) {
+    fn score(&self, _req: &SchedulingRequest<'_>, candidates: &[&EndpointState], scores: &mut [f64]) {
         min_max_inverse(candidates, |m| m.waiting_queue, scores);
     }
 }
@@ -48,12 +43,7 @@ impl Scorer for QueueScorer {
 pub struct RunningRequestsScorer;
 
 impl Scorer for RunningRequestsScorer {
-    fn score(
-        &self,
-        _req: &SchedulingRequest<'_>,
-        candidates: &[&EndpointState],
-        scores: &mut [f64],
-    ) {
+    fn score(&self, _req: &SchedulingRequest<'_>, candidates: &[&EndpointState], scores: &mut [f64]) {
         min_max_inverse(candidates, |m| m.running, scores);
     }
 }
@@ -63,12 +53,7 @@ impl Scorer for RunningRequestsScorer {
 pub struct KvCacheScorer;
 
 impl Scorer for KvCacheScorer {
-    fn score(
-        &self,
-        _req: &SchedulingRequest<'_>,
-        candidates: &[&EndpointState],
-        scores: &mut [f64],
-    ) {
+    fn score(&self, _req: &SchedulingRequest<'_>, candidates: &[&EndpointState], scores: &mut [f64]) {
         for (s, c) in scores.iter_mut().zip(candidates) {
             *s = 1.0 - c.metrics.kv_cache_usage;
         }

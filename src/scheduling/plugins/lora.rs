@@ -12,12 +12,7 @@ use crate::scheduling::{SchedulingRequest, Scorer};
 pub struct LoraAffinityScorer;
 
 impl Scorer for LoraAffinityScorer {
-    fn score(
-        &self,
-        req: &SchedulingRequest<'_>,
-        candidates: &[&EndpointState],
-        scores: &mut [f64],
-    ) {
+    fn score(&self, req: &SchedulingRequest<'_>, candidates: &[&EndpointState], scores: &mut [f64]) {
         let target = req.target_model;
         for (s, c) in scores.iter_mut().zip(candidates) {
             let lora = &c.metrics.lora;

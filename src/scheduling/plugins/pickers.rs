@@ -18,12 +18,7 @@ pub struct MaxScorePicker {
 }
 
 impl Picker for MaxScorePicker {
-    fn pick(
-        &self,
-        candidates: &[&EndpointState],
-        scores: &[f64],
-        rng: &mut SmallRng,
-    ) -> Vec<usize> {
+    fn pick(&self, candidates: &[&EndpointState], scores: &[f64], rng: &mut SmallRng) -> Vec<usize> {
         let n = candidates.len().min(scores.len());
         if n == 0 {
             return Vec::new();
@@ -66,12 +61,7 @@ pub struct RandomPicker {
 }
 
 impl Picker for RandomPicker {
-    fn pick(
-        &self,
-        candidates: &[&EndpointState],
-        _scores: &[f64],
-        rng: &mut SmallRng,
-    ) -> Vec<usize> {
+    fn pick(&self, candidates: &[&EndpointState], _scores: &[f64], rng: &mut SmallRng) -> Vec<usize> {
         let mut order: Vec<usize> = (0..candidates.len()).collect();
         order.shuffle(rng);
         order.truncate(self.max_endpoints);
@@ -88,12 +78,7 @@ pub struct WeightedRandomPicker {
 }
 
 impl Picker for WeightedRandomPicker {
-    fn pick(
-        &self,
-        candidates: &[&EndpointState],
-        scores: &[f64],
-        rng: &mut SmallRng,
-    ) -> Vec<usize> {
+    fn pick(&self, candidates: &[&EndpointState], scores: &[f64], rng: &mut SmallRng) -> Vec<usize> {
         let n = candidates.len().min(scores.len());
         if !scores[..n].iter().any(|s| *s > 0.0) {
             return RandomPicker {
@@ -136,10 +121,7 @@ mod tests {
         let cands: Vec<_> = s.iter().collect();
         let picker = MaxScorePicker { max_endpoints: 1 };
         let mut rng = SmallRng::seed_from_u64(7);
-        assert_eq!(
-            picker.pick(&cands, &[0.1, 0.9, 0.3, 0.2], &mut rng),
-            vec![1]
-        );
+        assert_eq!(picker.pick(&cands, &[0.1, 0.9, 0.3, 0.2], &mut rng), vec![1]);
         let mut counts = [0u32; 4];
         for _ in 0..4000 {
             counts[picker.pick(&cands, &[1.0, 1.0, 0.5, 1.0], &mut rng)[0]] += 1;
@@ -174,8 +156,7 @@ mod tests {
         }
         assert_eq!(counts[2], 0);
         assert!(counts[0] > counts[1] * 3, "{counts:?}");
-        let all =
-            WeightedRandomPicker { max_endpoints: 3 }.pick(&cands, &[0.9, 0.1, 0.0], &mut rng);
+        let all = WeightedRandomPicker { max_endpoints: 3 }.pick(&cands, &[0.9, 0.1, 0.0], &mut rng);
         assert_eq!(all.len(), 3);
         assert_eq!(all[2], 2);
     }

@@ -118,7 +118,8 @@ impl PrefixCacheScorer {
     ) -> R {
         let max_blocks = self.max_blocks_for(block_bytes);
         let mut cached = req.cache.prefix.borrow_mut();
-        let fresh = !matches!(&*cached, Some(p) if p.block_bytes == block_bytes && p.max_blocks == max_blocks);
+        let fresh =
+            !matches!(&*cached, Some(p) if p.block_bytes == block_bytes && p.max_blocks == max_blocks);
         if fresh {
             let mut hashes = Vec::new();
             let seed = chain_seed(req.target_model, req.cache_salt);
@@ -129,20 +130,12 @@ impl PrefixCacheScorer {
                 hashes,
             });
         }
-        f(cached
-            .as_ref()
-            .map(|p| p.hashes.as_slice())
-            .unwrap_or_default())
+        f(cached.as_ref().map(|p| p.hashes.as_slice()).unwrap_or_default())
     }
 }
 
 impl Scorer for PrefixCacheScorer {
-    fn score(
-        &self,
-        req: &SchedulingRequest<'_>,
-        candidates: &[&EndpointState],
-        scores: &mut [f64],
-    ) {
+    fn score(&self, req: &SchedulingRequest<'_>, candidates: &[&EndpointState], scores: &mut [f64]) {
         let block_bytes = self.block_bytes_for(candidates.iter().copied());
         self.with_hashes(req, block_bytes, |hashes| {
             if hashes.is_empty() {
@@ -180,19 +173,14 @@ impl PreRequest for PrefixCacheScorer {
             None
         };
         self.with_hashes(req, block_bytes, |hashes| {
-            self.index
-                .record(primary.endpoint.address, hashes, capacity);
+            self.index.record(primary.endpoint.address, hashes, capacity);
         });
     }
 }
 
 impl EndpointsChanged for PrefixCacheScorer {
     fn endpoints_changed(&self, snapshot: &Snapshot) {
-        let live: HashSet<SocketAddr> = snapshot
-            .endpoints()
-            .iter()
-            .map(|e| e.endpoint.address)
-            .collect();
+        let live: HashSet<SocketAddr> = snapshot.endpoints().iter().map(|e| e.endpoint.address).collect();
         self.index.retain(|a| live.contains(&a));
     }
 }
@@ -251,8 +239,7 @@ mod tests {
         assert_eq!(s.max_blocks_for(128), 10);
         let p: PrefixParams = serde_yaml::from_str("hashBlockSize: 100\nunknownKey: 1").unwrap();
         assert_eq!(PrefixCacheScorer::new(&p).block_bytes, Some(100));
-        let p: PrefixParams =
-            serde_yaml::from_str("blockSize: 80\nlruCapacityPerServer: 5").unwrap();
+        let p: PrefixParams = serde_yaml::from_str("blockSize: 80\nlruCapacityPerServer: 5").unwrap();
         let s = PrefixCacheScorer::new(&p);
         assert_eq!(s.block_bytes, Some(80));
         assert!(s.explicit_capacity);

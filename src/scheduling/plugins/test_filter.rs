@@ -84,10 +84,7 @@ mod tests {
             .iter()
             .map(|c| c.endpoint.hostport.to_string())
             .collect();
-        assert_eq!(
-            got,
-            vec!["[fd00::3]:8000", "10.0.0.2:8001", "10.0.0.1:8000"]
-        );
+        assert_eq!(got, vec!["[fd00::3]:8000", "10.0.0.2:8001", "10.0.0.1:8000"]);
     }
 
     #[test]
