@@ -16,8 +16,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod config;
 pub mod datalayer;
+pub mod observability;
 pub mod prefix;
 pub mod protocol;
 pub mod request;

@@ -25,15 +25,12 @@ type ProfileEntries = (String, Vec<(String, Option<f64>)>);
 
 struct Instance {
     name: Arc<str>,
-    type_name: String,
+    type_name: Arc<str>,
     handle: PluginHandle,
 }
 
-fn named<T: ?Sized>(name: &Arc<str>, plugin: &Arc<T>) -> Named<T> {
-    Named {
-        name: name.clone(),
-        plugin: plugin.clone(),
-    }
+fn named<T: ?Sized>(inst: &Instance, plugin: &Arc<T>) -> Named<T> {
+    Named::new(inst.name.clone(), inst.type_name.clone(), plugin.clone())
 }
 
 impl EndpointPickerConfig {
@@ -68,7 +65,7 @@ impl EndpointPickerConfig {
                 .map_err(|source| self.plugin_error(&name, &spec.type_name, source))?;
             instances.push(Instance {
                 name: name.into(),
-                type_name: spec.type_name.clone(),
+                type_name: spec.type_name.as_str().into(),
                 handle,
             });
         }
@@ -108,27 +105,18 @@ impl EndpointPickerConfig {
 
         let default_picker = match instances
             .iter()
-            .find_map(|i| i.handle.picker.clone().map(|p| named(&i.name, &p)))
+            .find_map(|i| i.handle.picker.as_ref().map(|p| named(i, p)))
         {
             Some(p) => p,
             None => {
-                let handle = plugins::build("max-score-picker", &serde_yaml::Value::Null)
-                    .map_err(|source| self.plugin_error("max-score-picker", "max-score-picker", source))?;
-                let name: Arc<str> = "max-score-picker".into();
-                let picker = handle.picker.clone();
-                instances.push(Instance {
-                    name: name.clone(),
-                    type_name: "max-score-picker".into(),
-                    handle,
-                });
-                match picker {
-                    Some(p) => named(&name, &p),
-                    None => {
-                        return Err(self.error(ConfigErrorKind::ProfileHandler(
-                            "max-score-picker has no picker role".into(),
-                        )));
-                    }
-                }
+                let inst = self.implicit("max-score-picker")?;
+                let Some(picker) = inst.handle.picker.as_ref().map(|p| named(&inst, p)) else {
+                    return Err(self.error(ConfigErrorKind::ProfileHandler(
+                        "max-score-picker has no picker role".into(),
+                    )));
+                };
+                instances.push(inst);
+                picker
             }
         };
 
@@ -140,17 +128,22 @@ impl EndpointPickerConfig {
 
         let pre_request: Vec<Named<dyn PreRequest>> = instances
             .iter()
-            .filter_map(|i| i.handle.pre_request.as_ref().map(|p| named(&i.name, p)))
+            .filter_map(|i| i.handle.pre_request.as_ref().map(|p| named(i, p)))
             .collect();
         let endpoints_changed: Vec<Arc<dyn EndpointsChanged>> = instances
             .iter()
             .filter_map(|i| i.handle.endpoints_changed.clone())
+            .collect();
+        let prefix_indexes = instances
+            .iter()
+            .filter_map(|i| i.handle.prefix_index.clone())
             .collect();
         Ok(Scheduler::new(
             profiles,
             handler,
             pre_request,
             endpoints_changed,
+            prefix_indexes,
             seed,
         ))
     }
@@ -163,66 +156,59 @@ impl EndpointPickerConfig {
         })
     }
 
+    /// A plugin the defaulting rules add, named after its type.
+    fn implicit(&self, type_name: &str) -> Result<Instance, ConfigError> {
+        let handle = plugins::build(type_name, &serde_yaml::Value::Null)
+            .map_err(|source| self.plugin_error(type_name, type_name, source))?;
+        Ok(Instance {
+            name: type_name.into(),
+            type_name: type_name.into(),
+            handle,
+        })
+    }
+
     /// The one profile handler, adding `single-profile-handler` for a single profile.
     fn profile_handler(
         &self,
         instances: &mut Vec<Instance>,
         profiles: usize,
     ) -> Result<Named<dyn ProfileHandler>, ConfigError> {
-        let handlers: Vec<(Arc<str>, String, Arc<dyn ProfileHandler>)> = instances
+        let mut handlers: Vec<Named<dyn ProfileHandler>> = instances
             .iter()
-            .filter_map(|i| {
-                i.handle
-                    .profile_handler
-                    .clone()
-                    .map(|h| (i.name.clone(), i.type_name.clone(), h))
-            })
+            .filter_map(|i| i.handle.profile_handler.as_ref().map(|h| named(i, h)))
             .collect();
-        let (name, type_name, handler) = match handlers.len() {
+        let handler = match handlers.len() {
             0 if profiles == 1 => {
-                let handle =
-                    plugins::build("single-profile-handler", &serde_yaml::Value::Null).map_err(|source| {
-                        self.plugin_error("single-profile-handler", "single-profile-handler", source)
-                    })?;
-                let name: Arc<str> = "single-profile-handler".into();
-                let Some(h) = handle.profile_handler.clone() else {
+                let inst = self.implicit("single-profile-handler")?;
+                let Some(h) = inst.handle.profile_handler.as_ref().map(|h| named(&inst, h)) else {
                     return Err(self.error(ConfigErrorKind::ProfileHandler(
                         "single-profile-handler has no handler role".into(),
                     )));
                 };
-                instances.push(Instance {
-                    name: name.clone(),
-                    type_name: "single-profile-handler".into(),
-                    handle,
-                });
-                (name, "single-profile-handler".to_owned(), h)
+                instances.push(inst);
+                h
             }
             0 => {
                 return Err(self.error(ConfigErrorKind::ProfileHandler(format!(
                     "no profile handler was specified for {profiles} profiles"
                 ))));
             }
-            1 => handlers
-                .into_iter()
-                .next()
-                .ok_or_else(|| self.error(ConfigErrorKind::ProfileHandler("no profile handler".into())))?,
+            1 => handlers.remove(0),
             _ => {
-                let names: Vec<&str> = handlers.iter().map(|h| &*h.0).collect();
+                let names: Vec<&str> = handlers.iter().map(|h| &*h.name).collect();
                 return Err(self.error(ConfigErrorKind::ProfileHandler(format!(
                     "only one profile handler is allowed, found: {}",
                     names.join(", ")
                 ))));
             }
         };
-        if type_name == "single-profile-handler" && profiles > 1 {
+        if &*handler.type_name == "single-profile-handler" && profiles > 1 {
             return Err(self.error(ConfigErrorKind::ProfileHandler(format!(
-                "profile handler '{name}' (single-profile-handler) cannot run {profiles} profiles"
+                "profile handler '{}' (single-profile-handler) cannot run {profiles} profiles",
+                handler.name
             ))));
         }
-        Ok(Named {
-            name,
-            plugin: handler,
-        })
+        Ok(handler)
     }
 
     fn profile(
@@ -249,7 +235,7 @@ impl EndpointPickerConfig {
                 }));
             };
             if let Some(f) = &inst.handle.filter {
-                filters.push(named(&inst.name, f));
+                filters.push(named(inst, f));
             }
             if let Some(s) = &inst.handle.scorer {
                 let weight = weight.unwrap_or(1.0);
@@ -260,7 +246,7 @@ impl EndpointPickerConfig {
                     }));
                 }
                 scorers.push(WeightedScorer {
-                    scorer: named(&inst.name, s),
+                    scorer: named(inst, s),
                     weight,
                 });
             }
@@ -272,7 +258,7 @@ impl EndpointPickerConfig {
                         second: inst.name.to_string(),
                     }));
                 }
-                picker = Some(named(&inst.name, p));
+                picker = Some(named(inst, p));
             }
             if !inst.handle.is_profile_member() {
                 tracing::warn!(profile = name, plugin = %inst.name, type_name = %inst.type_name,

@@ -10,6 +10,7 @@
 //! operator can act on.
 
 mod build;
+pub mod cli;
 pub mod file;
 
 use std::path::Path;

@@ -20,6 +20,8 @@ pub struct Endpoint {
     pub hostport: Arc<str>,
     /// Pod labels (engine type, LoRA hints, test selectors).
     pub labels: BTreeMap<String, String>,
+    /// Port serving `/metrics` when it differs from `address`'s port.
+    pub metrics_port: Option<u16>,
 }
 
 impl Endpoint {
@@ -30,6 +32,7 @@ impl Endpoint {
             address,
             hostport: format_hostport(address).into(),
             labels: BTreeMap::new(),
+            metrics_port: None,
         }
     }
 
@@ -41,6 +44,7 @@ impl Endpoint {
             address,
             hostport,
             labels: BTreeMap::new(),
+            metrics_port: None,
         }
     }
 

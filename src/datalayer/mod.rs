@@ -1,12 +1,15 @@
 //! The data layer: which endpoints exist and how loaded each one is.
 //!
-//! Discovery (static files, Kubernetes) writes endpoint sets, scrapers write metrics, and the
-//! request path only ever *reads* one immutable [`Snapshot`] per request. The snapshot is
-//! published through an [`arc_swap::ArcSwap`], so a scheduling cycle costs one atomic load and
-//! sees a consistent view: all scorers of one cycle read the same numbers, and no writer can
-//! stall a reader.
+//! Discovery ([`source`]: static lists, files, Kubernetes) writes endpoint sets, scrapers
+//! ([`scrape`]) write metrics, and the request path only ever *reads* one immutable
+//! [`Snapshot`] per request. The snapshot is published through an [`arc_swap::ArcSwap`], so a
+//! scheduling cycle costs one atomic load and sees a consistent view: all scorers of one cycle
+//! read the same numbers, and no writer can stall a reader.
 
 mod endpoint;
+pub mod extract;
+pub mod scrape;
+pub mod source;
 mod store;
 
 pub use endpoint::{Endpoint, LoraInfo, Metrics, format_hostport};

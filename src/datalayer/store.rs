@@ -42,6 +42,11 @@ impl Snapshot {
         self.generation
     }
 
+    /// The state of `endpoint` (same object), if it is still in the pool.
+    pub fn state_of(&self, endpoint: &Arc<Endpoint>) -> Option<&EndpointState> {
+        self.endpoints.iter().find(|e| Arc::ptr_eq(&e.endpoint, endpoint))
+    }
+
     /// The endpoint at `address`, if present.
     pub fn find(&self, address: SocketAddr) -> Option<&EndpointState> {
         self.endpoints.iter().find(|e| e.endpoint.address == address)

@@ -8,6 +8,7 @@
 mod error;
 mod observer;
 mod stream;
+pub mod tls;
 mod usage;
 pub mod wire;
 

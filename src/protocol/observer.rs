@@ -1,8 +1,11 @@
 //! A per-request report for metrics and logs, handed out by the protocol layer.
 
+use std::sync::Arc;
+
 use tokio::time::Instant;
 
 use super::usage::Usage;
+use crate::datalayer::Endpoint;
 
 /// What one request did. Built up while its stream runs.
 #[derive(Debug, Clone)]
@@ -17,6 +20,8 @@ pub struct RequestRecord {
     pub objective: Option<String>,
     /// Destination list sent to the gateway.
     pub destinations: Option<String>,
+    /// The primary endpoint chosen.
+    pub primary: Option<Arc<Endpoint>>,
     /// Endpoint the gateway reports as having served the request.
     pub served: Option<String>,
     /// Request body bytes forwarded.
@@ -44,6 +49,7 @@ impl RequestRecord {
             target_model: String::new(),
             objective: None,
             destinations: None,
+            primary: None,
             served: None,
             request_bytes: 0,
             response_bytes: 0,

@@ -68,6 +68,7 @@ pub struct ExtProcStream {
     body_len: usize,
     usage: Option<UsageParser>,
     record: RequestRecord,
+    span: tracing::Span,
 }
 
 impl ExtProcStream {
@@ -87,6 +88,12 @@ impl ExtProcStream {
             body_len: 0,
             usage: None,
             record: RequestRecord::new(),
+            span: tracing::info_span!(
+                "ext_proc",
+                request_id = tracing::field::Empty,
+                model = tracing::field::Empty,
+                pick = tracing::field::Empty
+            ),
         }
     }
 
@@ -97,6 +104,8 @@ impl ExtProcStream {
 
     /// Handles one message from Envoy, appending answers to `out`.
     pub fn handle(&mut self, msg: ProcessingRequest, out: &mut Vec<ProcessingResponse>) -> Step {
+        let span = self.span.clone();
+        let _entered = span.enter();
         if self.first {
             self.first = false;
             if let Some(pc) = &msg.protocol_config {
@@ -182,6 +191,7 @@ impl ExtProcStream {
         }
         let info = RequestInfo::from_headers(headers_of(h.headers));
         self.record.request_id.clone_from(&info.request_id);
+        self.span.record("request_id", info.request_id.as_str());
         self.record.objective = info.headers.control(keys::OBJECTIVE).map(str::to_owned);
         self.info = Some(info);
 
@@ -334,6 +344,10 @@ impl ExtProcStream {
     fn routed(&mut self, decision: &Decision) {
         self.phase = Phase::Routed;
         self.record.destinations = Some(decision.destinations.clone());
+        self.record.primary = Some(decision.primary.clone());
+        self.span.record("model", decision.target_model.as_str());
+        self.span.record("pick", decision.destinations.as_str());
+        tracing::debug!(model = %decision.model, target_model = %decision.target_model, pick = %decision.destinations, "request routed");
         self.observer.routed(&self.record);
     }
 

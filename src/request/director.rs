@@ -8,6 +8,9 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::{RequestError, RequestHeaders, keys, parse_body, rewrite_model};
 use crate::datalayer::{Endpoint, EndpointState, EndpointStore};
@@ -15,6 +18,9 @@ use crate::scheduling::{Scheduler, SchedulingError, SchedulingRequest};
 
 /// Default limit on request bodies: 64 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 << 20;
+/// Default metrics age after which an endpoint is passed over (the reference's
+/// `--metrics-staleness-threshold`).
+pub const DEFAULT_STALENESS: Duration = Duration::from_secs(2);
 
 /// Director settings.
 #[derive(Debug, Clone)]
@@ -26,6 +32,10 @@ pub struct DirectorConfig {
     pub max_destinations: Option<usize>,
     /// Ignore the gateway's subset hint (the reference's `--disable-endpoint-subset-filter`).
     pub ignore_subset_hint: bool,
+    /// Endpoints whose metrics are older than this (or never scraped) are passed over while
+    /// any candidate has fresh metrics: a model server that stopped answering its metrics is
+    /// avoided, yet a pool whose scrapes all fail still serves. `None` disables this.
+    pub staleness: Option<Duration>,
 }
 
 impl Default for DirectorConfig {
@@ -34,6 +44,7 @@ impl Default for DirectorConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_destinations: None,
             ignore_subset_hint: false,
+            staleness: Some(DEFAULT_STALENESS),
         }
     }
 }
@@ -168,14 +179,30 @@ impl Director {
         &self.store
     }
 
+    /// The endpoints a request may go to: those the subset hint allows, and of those the ones
+    /// with fresh metrics if there are any.
     fn candidates<'s>(&self, endpoints: &'s [EndpointState], subset: &Subset) -> Vec<&'s EndpointState> {
-        if self.config.ignore_subset_hint {
-            return endpoints.iter().collect();
+        let allowed: Vec<&'s EndpointState> = if self.config.ignore_subset_hint {
+            endpoints.iter().collect()
+        } else {
+            endpoints
+                .iter()
+                .filter(|e| subset.allows(e.endpoint.address.ip()))
+                .collect()
+        };
+        let Some(staleness) = self.config.staleness else {
+            return allowed;
+        };
+        let now = Instant::now();
+        if allowed.iter().all(|e| e.metrics.is_fresh(now, staleness)) {
+            return allowed;
         }
-        endpoints
+        let fresh: Vec<&'s EndpointState> = allowed
             .iter()
-            .filter(|e| subset.allows(e.endpoint.address.ip()))
-            .collect()
+            .copied()
+            .filter(|e| e.metrics.is_fresh(now, staleness))
+            .collect();
+        if fresh.is_empty() { allowed } else { fresh }
     }
 
     /// A request without a body (e.g. GET): a random endpoint within the subset.

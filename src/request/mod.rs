@@ -12,7 +12,8 @@ mod headers;
 
 pub use body::{ApiKind, ParsedBody, parse_body, rewrite_model};
 pub use director::{
-    DEFAULT_MAX_BODY_BYTES, Decision, Director, DirectorConfig, DirectorError, RequestInfo, Subset,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_STALENESS, Decision, Director, DirectorConfig, DirectorError,
+    RequestInfo, Subset,
 };
 pub use headers::{RequestHeaders, keys};
 

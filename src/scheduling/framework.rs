@@ -10,8 +10,9 @@
 //! candidates. The framework clamps each to `[0, 1]` (NaN counts as 0), multiplies by the
 //! profile's weight and sums; higher is better.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use tokio::time::Instant;
@@ -65,6 +66,39 @@ pub struct CycleCache {
     /// Prefix block hashes, computed by the first prefix plugin that needs them and reused by
     /// its `PreRequest` step.
     pub prefix: RefCell<Option<PrefixHashes>>,
+    /// How much of the prompt the primary endpoint held, as seen by the prefix plugin's
+    /// `PreRequest` step (for the hit-ratio metrics).
+    pub prefix_hit: Cell<Option<PrefixHit>>,
+}
+
+/// The primary endpoint's prefix match of one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefixHit {
+    /// Leading blocks the endpoint held.
+    pub matched_blocks: usize,
+    /// Blocks of the request.
+    pub total_blocks: usize,
+    /// Bytes per block.
+    pub block_bytes: usize,
+}
+
+/// Observes one plugin call's duration.
+pub type Timer = Arc<dyn Fn(Duration) + Send + Sync>;
+
+/// Where the scheduler reports what it measures. Timers are requested once per plugin when
+/// the observer is attached, so the request path does no label lookups.
+pub trait SchedulerObserver: Send + Sync {
+    /// A timer for `plugin_name` (of `plugin_type`) at `extension_point`, or `None`.
+    fn plugin_timer(
+        &self,
+        extension_point: &'static str,
+        plugin_type: &str,
+        plugin_name: &str,
+    ) -> Option<Timer>;
+    /// One whole scheduling cycle took `elapsed`.
+    fn cycle(&self, elapsed: Duration);
+    /// The primary endpoint's prefix match.
+    fn prefix_hit(&self, hit: PrefixHit);
 }
 
 /// Block hashes of the request's prefix input under one block size.
@@ -168,6 +202,8 @@ pub struct PluginHandle {
     pub pre_request: Option<Arc<dyn PreRequest>>,
     /// Endpoint-set hook.
     pub endpoints_changed: Option<Arc<dyn EndpointsChanged>>,
+    /// The prefix index the plugin keeps, for the index-size metric.
+    pub prefix_index: Option<Arc<crate::prefix::PrefixIndex>>,
 }
 
 impl std::fmt::Debug for PluginHandle {

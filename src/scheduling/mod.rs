@@ -9,8 +9,8 @@ pub mod plugins;
 mod scheduler;
 
 pub use framework::{
-    CycleCache, EndpointsChanged, Filter, Picker, PluginHandle, PreRequest, PrefixHashes, ProfileHandler,
-    ProfileRun, SchedulingRequest, SchedulingResult, Scorer,
+    CycleCache, EndpointsChanged, Filter, Picker, PluginHandle, PreRequest, PrefixHashes, PrefixHit,
+    ProfileHandler, ProfileRun, SchedulerObserver, SchedulingRequest, SchedulingResult, Scorer, Timer,
 };
 pub use scheduler::{Named, Profile, Scheduler, WeightedScorer};
 

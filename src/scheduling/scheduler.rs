@@ -8,24 +8,60 @@ use rand::{RngExt, SeedableRng};
 
 use super::SchedulingError;
 use super::framework::{
-    EndpointsChanged, Filter, Picker, PreRequest, ProfileHandler, ProfileRun, SchedulingRequest,
-    SchedulingResult, Scorer,
+    EndpointsChanged, Filter, Picker, PreRequest, ProfileHandler, ProfileRun, SchedulerObserver,
+    SchedulingRequest, SchedulingResult, Scorer, Timer,
 };
 use crate::datalayer::{EndpointState, Snapshot};
+use crate::prefix::PrefixIndex;
 
-/// A plugin role with the name it was configured under.
+/// A plugin role with the name and type it was configured under.
 pub struct Named<T: ?Sized> {
     /// Configured plugin name.
     pub name: Arc<str>,
+    /// Plugin type.
+    pub type_name: Arc<str>,
     /// The plugin.
     pub plugin: Arc<T>,
+    /// Duration observer, attached by [`Scheduler::with_observer`].
+    pub timer: Option<Timer>,
+}
+
+impl<T: ?Sized> Named<T> {
+    /// A named plugin without timer.
+    pub fn new(name: Arc<str>, type_name: Arc<str>, plugin: Arc<T>) -> Self {
+        Self {
+            name,
+            type_name,
+            plugin,
+            timer: None,
+        }
+    }
+
+    /// Runs `f` on the plugin, timing it when a timer is attached.
+    fn timed<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+        match &self.timer {
+            Some(timer) => {
+                let start = std::time::Instant::now();
+                let r = f(&self.plugin);
+                timer(start.elapsed());
+                r
+            }
+            None => f(&self.plugin),
+        }
+    }
+
+    fn attach(&mut self, observer: &dyn SchedulerObserver, point: &'static str) {
+        self.timer = observer.plugin_timer(point, &self.type_name, &self.name);
+    }
 }
 
 impl<T: ?Sized> Clone for Named<T> {
     fn clone(&self) -> Self {
         Self {
             name: self.name.clone(),
+            type_name: self.type_name.clone(),
             plugin: self.plugin.clone(),
+            timer: self.timer.clone(),
         }
     }
 }
@@ -76,7 +112,7 @@ impl Profile {
         }
         let mut filtered: Option<Vec<&'s EndpointState>> = None;
         for f in &self.filters {
-            let next = f.plugin.filter(req, filtered.as_deref().unwrap_or(candidates));
+            let next = f.timed(|p| p.filter(req, filtered.as_deref().unwrap_or(candidates)));
             if next.is_empty() {
                 return Err(SchedulingError::FilteredOut {
                     profile: self.name.to_string(),
@@ -92,14 +128,14 @@ impl Profile {
             let mut scratch = vec![0.0; cands.len()];
             for ws in &self.scorers {
                 scratch.fill(0.0);
-                ws.scorer.plugin.score(req, cands, &mut scratch);
+                ws.scorer.timed(|p| p.score(req, cands, &mut scratch));
                 for (t, s) in totals.iter_mut().zip(&scratch) {
                     *t += ws.weight * clamp_score(*s);
                 }
             }
         }
 
-        let picks = self.picker.plugin.pick(cands, &totals, rng);
+        let picks = self.picker.timed(|p| p.pick(cands, &totals, rng));
         let mut chosen: Vec<&'s EndpointState> = Vec::with_capacity(picks.len());
         for i in picks {
             if let Some(c) = cands.get(i)
@@ -125,6 +161,8 @@ pub struct Scheduler {
     handler: Named<dyn ProfileHandler>,
     pre_request: Vec<Named<dyn PreRequest>>,
     endpoints_changed: Vec<Arc<dyn EndpointsChanged>>,
+    prefix_indexes: Vec<Arc<PrefixIndex>>,
+    observer: Option<Arc<dyn SchedulerObserver>>,
     seed: u64,
     cycles: AtomicU64,
 }
@@ -155,6 +193,7 @@ impl Scheduler {
         handler: Named<dyn ProfileHandler>,
         pre_request: Vec<Named<dyn PreRequest>>,
         endpoints_changed: Vec<Arc<dyn EndpointsChanged>>,
+        prefix_indexes: Vec<Arc<PrefixIndex>>,
         seed: Option<u64>,
     ) -> Self {
         let seed = seed.unwrap_or_else(|| rand::rng().random());
@@ -164,9 +203,35 @@ impl Scheduler {
             handler,
             pre_request,
             endpoints_changed,
+            prefix_indexes,
+            observer: None,
             seed,
             cycles: AtomicU64::new(0),
         }
+    }
+
+    /// Attaches an observer: per-plugin timers, cycle durations and prefix hits.
+    pub fn with_observer(mut self, observer: Arc<dyn SchedulerObserver>) -> Self {
+        for p in &mut self.profiles {
+            for f in &mut p.filters {
+                f.attach(&*observer, "Filter");
+            }
+            for s in &mut p.scorers {
+                s.scorer.attach(&*observer, "Scorer");
+            }
+            p.picker.attach(&*observer, "Picker");
+        }
+        for h in &mut self.pre_request {
+            h.attach(&*observer, "PreRequest");
+        }
+        self.handler.attach(&*observer, "ProfilePicker");
+        self.observer = Some(observer);
+        self
+    }
+
+    /// The prefix indexes of the configured plugins.
+    pub fn prefix_indexes(&self) -> &[Arc<PrefixIndex>] {
+        &self.prefix_indexes
     }
 
     /// The profiles, in configuration order.
@@ -195,11 +260,14 @@ impl Scheduler {
         if candidates.is_empty() {
             return Err(SchedulingError::NoCandidates);
         }
+        let start = std::time::Instant::now();
         let mut rng = self.rng();
         let mut runs: Vec<ProfileRun> = Vec::with_capacity(self.profiles.len());
         // A handler that keeps asking for profiles cannot loop forever: each runs once.
         for _ in 0..=self.profiles.len() {
-            let next = self.handler.plugin.pick_profiles(&self.profile_names, &runs);
+            let next = self
+                .handler
+                .timed(|h| h.pick_profiles(&self.profile_names, &runs));
             let fresh: Vec<usize> = next
                 .into_iter()
                 .filter(|i| *i < self.profiles.len() && !runs.iter().any(|r| r.profile == *i))
@@ -219,13 +287,20 @@ impl Scheduler {
                 });
             }
         }
-        self.handler.plugin.process_results(runs)
+        let result = self.handler.plugin.process_results(runs);
+        if let Some(o) = &self.observer {
+            o.cycle(start.elapsed());
+        }
+        result
     }
 
     /// Runs the pre-request hooks on a decision.
     pub fn pre_request(&self, req: &SchedulingRequest<'_>, result: &SchedulingResult) {
         for hook in &self.pre_request {
-            hook.plugin.pre_request(req, result);
+            hook.timed(|p| p.pre_request(req, result));
+        }
+        if let (Some(o), Some(hit)) = (&self.observer, req.cache.prefix_hit.get()) {
+            o.prefix_hit(hit);
         }
     }
 

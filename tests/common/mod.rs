@@ -55,6 +55,8 @@ impl Drop for Epp {
     }
 }
 
+pub mod model_server;
+
 pub const SEED_CONFIG: &str = include_str!("../../config/default-plugins.yaml");
 
 /// Starts an EPP with `config` (YAML) and `director` settings; the store starts empty but
@@ -115,23 +117,36 @@ impl Epp {
 
     /// Opens an ext_proc stream.
     pub async fn open(&self) -> Conversation {
-        let mut client = ExternalProcessorClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
-            .max_decoding_message_size(256 << 20)
-            .max_encoding_message_size(256 << 20);
-        let (tx, rx) = mpsc::channel(64);
-        let inbound = client
-            .process(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        Conversation {
-            tx: Some(tx),
-            inbound,
-            first: true,
-            mode: None,
-        }
+        open(self.addr).await
+    }
+}
+
+/// Opens a plaintext ext_proc stream to `addr`.
+pub async fn open(addr: SocketAddr) -> Conversation {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    open_on(channel).await
+}
+
+/// Opens an ext_proc stream on `channel`.
+pub async fn open_on(channel: tonic::transport::Channel) -> Conversation {
+    let mut client = ExternalProcessorClient::new(channel)
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
+    let (tx, rx) = mpsc::channel(64);
+    let inbound = client
+        .process(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    Conversation {
+        tx: Some(tx),
+        inbound,
+        first: true,
+        mode: None,
     }
 }
 
@@ -383,7 +398,15 @@ pub fn is_response_trailers(r: &ProcessingResponse) -> bool {
 /// Sends a chat request (full duplex, one body message) and returns the headers answer and
 /// the reassembled body.
 pub async fn chat(epp: &Epp, body: &str, extra: &[(&str, &str)]) -> (ProcessingResponse, Vec<u8>) {
-    let mut c = epp.open().await;
+    chat_on(epp.open().await, body, extra).await
+}
+
+/// [`chat`] on an open conversation.
+pub async fn chat_on(
+    mut c: Conversation,
+    body: &str,
+    extra: &[(&str, &str)],
+) -> (ProcessingResponse, Vec<u8>) {
     let mut headers = post("/v1/chat/completions");
     headers.extend_from_slice(extra);
     c.send(request_headers(&headers, false)).await;

@@ -99,6 +99,7 @@ pub fn build(type_name: &str, parameters: &serde_yaml::Value) -> Result<PluginHa
             let p = Arc::new(PrefixCacheScorer::new(&params::<PrefixParams>(parameters)?));
             h.scorer = Some(p.clone());
             h.pre_request = Some(p.clone());
+            h.prefix_index = Some(p.index().clone());
             h.endpoints_changed = Some(p);
         }
         "max-score-picker" => {

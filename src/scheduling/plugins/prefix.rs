@@ -25,7 +25,7 @@ use crate::datalayer::{EndpointState, Snapshot};
 use crate::prefix::hash::{DEFAULT_BLOCK_BYTES, DEFAULT_MAX_BLOCKS, block_hashes_into, chain_seed};
 use crate::prefix::{DEFAULT_CAPACITY_PER_ENDPOINT, PrefixIndex};
 use crate::scheduling::{
-    EndpointsChanged, PreRequest, PrefixHashes, SchedulingRequest, SchedulingResult, Scorer,
+    EndpointsChanged, PreRequest, PrefixHashes, PrefixHit, SchedulingRequest, SchedulingResult, Scorer,
 };
 
 /// Approximate bytes of prompt text per token.
@@ -173,6 +173,13 @@ impl PreRequest for PrefixCacheScorer {
             None
         };
         self.with_hashes(req, block_bytes, |hashes| {
+            if !hashes.is_empty() {
+                req.cache.prefix_hit.set(Some(PrefixHit {
+                    matched_blocks: self.index.leading_match(primary.endpoint.address, hashes),
+                    total_blocks: hashes.len(),
+                    block_bytes,
+                }));
+            }
             self.index.record(primary.endpoint.address, hashes, capacity);
         });
     }

@@ -1,0 +1,347 @@
+//! Wiring: from a validated command line to running servers, and back down on shutdown.
+//!
+//! Everything that can be checked without the network (flags, the EndpointPickerConfig, the
+//! endpoints file, TLS files) is checked before the first port is bound, so a bad start
+//! fails fast with a message. Every task runs on one [`TaskTracker`] under one
+//! [`CancellationToken`]: shutdown stops discovery and scrapers, lets the servers drain open
+//! streams, and waits for all of it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::cli::{Cli, CliError, LogEncoder};
+use crate::config::{ConfigError, EndpointPickerConfig};
+use crate::datalayer::EndpointStore;
+use crate::datalayer::scrape::{ScrapeConfig, ScrapeError, spawn_scrapers};
+use crate::datalayer::source::{EndpointSource, FileSource, SourceError, StaticSource, parse_static};
+use crate::observability::admin::{self, AdminState};
+use crate::observability::health::{HealthService, HealthState};
+use crate::observability::logging;
+use crate::observability::metrics::EppMetrics;
+use crate::protocol::ExtProcService;
+use crate::protocol::tls::{self, TlsError};
+use crate::request::{Director, DirectorConfig};
+use crate::scheduling::Scheduler;
+
+/// Why the EPP could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Flags.
+    #[error(transparent)]
+    Cli(#[from] CliError),
+    /// EndpointPickerConfig.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Endpoint discovery.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// TLS material.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// Scraping.
+    #[error(transparent)]
+    Scrape(#[from] ScrapeError),
+    /// A port could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which server.
+        what: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A requested feature this build does not provide.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Installs logging as the flags ask.
+pub fn init_logging(cli: &Cli) {
+    logging::init(
+        cli.v,
+        cli.zap_encoder == LogEncoder::Json,
+        cli.zap_log_level.as_deref(),
+    );
+}
+
+/// The scheduler configuration the flags name (or the built-in default).
+pub fn load_config(cli: &Cli) -> Result<EndpointPickerConfig, ConfigError> {
+    match (&cli.config_file, &cli.config_text) {
+        (Some(path), _) => EndpointPickerConfig::from_file(path),
+        (None, Some(text)) => EndpointPickerConfig::from_text(text, "--config-text"),
+        (None, None) => EndpointPickerConfig::builtin_default(),
+    }
+}
+
+fn endpoint_source(cli: &Cli) -> Result<Box<dyn EndpointSource>, AppError> {
+    if let Some(list) = &cli.static_endpoints {
+        return Ok(Box::new(StaticSource(parse_static(list)?)));
+    }
+    if let Some(path) = &cli.endpoints_file {
+        return Ok(Box::new(FileSource::load(
+            path.clone(),
+            tokio::time::Duration::from_secs(1),
+        )?));
+    }
+    Err(AppError::Unsupported(
+        "Kubernetes discovery (--pool-name / --endpoint-selector) is not available in this build; use \
+         --static-endpoints or --endpoints-file"
+            .into(),
+    ))
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { what, addr, source })
+}
+
+/// A running EPP.
+pub struct Running {
+    /// ext_proc address.
+    pub grpc_addr: SocketAddr,
+    /// gRPC health address.
+    pub health_addr: SocketAddr,
+    /// Metrics address.
+    pub metrics_addr: SocketAddr,
+    /// The endpoint store.
+    pub store: Arc<EndpointStore>,
+    /// The scheduler.
+    pub scheduler: Arc<Scheduler>,
+    /// Health state.
+    pub health: watch::Receiver<HealthState>,
+    /// The generated certificate (PEM), when TLS uses one.
+    pub self_signed_cert: Option<String>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("grpc_addr", &self.grpc_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Running {
+    /// Starts a graceful shutdown.
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Waits until every server and task has stopped (after [`Running::shutdown`]).
+    pub async fn wait(self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// Validates, binds and starts everything.
+pub async fn start(cli: &Cli) -> Result<Running, AppError> {
+    cli.validate()?;
+    let config = load_config(cli)?;
+    let scheduler = config.build_scheduler(None)?;
+    let source = endpoint_source(cli)?;
+    let engine = cli.engine_metrics()?;
+    let tls = if !cli.secure_serving {
+        None
+    } else if let Some(dir) = &cli.cert_path {
+        Some((tls::load_identity(dir)?, None))
+    } else {
+        let (identity, pem) = tls::self_signed_identity()?;
+        Some((identity, Some(pem)))
+    };
+    if cli.enable_cert_reload {
+        tracing::warn!("--enable-cert-reload: certificates are read once at start in this version");
+    }
+
+    let grpc = bind("ext_proc", SocketAddr::new(cli.bind_address, cli.grpc_port)).await?;
+    let health_listener = bind(
+        "grpc health",
+        SocketAddr::new(cli.bind_address, cli.grpc_health_port),
+    )
+    .await?;
+    let metrics_listener = bind("metrics", SocketAddr::new(cli.bind_address, cli.metrics_port)).await?;
+    let addr = |l: &TcpListener| {
+        l.local_addr().map_err(|source| AppError::Bind {
+            what: "local address",
+            addr: SocketAddr::new(cli.bind_address, 0),
+            source,
+        })
+    };
+    let (grpc_addr, health_addr, metrics_addr) =
+        (addr(&grpc)?, addr(&health_listener)?, addr(&metrics_listener)?);
+
+    let store = Arc::new(EndpointStore::new());
+    let pool = if cli.pool_name.is_empty() {
+        "static".to_owned()
+    } else {
+        cli.pool_name.clone()
+    };
+    let metrics = Arc::new(EppMetrics::new(
+        store.clone(),
+        &pool,
+        &cli.namespace(),
+        cli.metrics_staleness_threshold,
+        scheduler.prefix_indexes().to_vec(),
+    ));
+    let scheduler = Arc::new(scheduler.with_observer(metrics.clone()));
+    let director = Arc::new(Director::new(
+        store.clone(),
+        scheduler.clone(),
+        DirectorConfig {
+            max_body_bytes: cli.max_body_bytes,
+            max_destinations: cli.destination_limit,
+            ignore_subset_hint: cli.disable_endpoint_subset_filter,
+            staleness: Some(cli.metrics_staleness_threshold),
+        },
+    ));
+
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    // Discovery.
+    {
+        let (store, cancel) = (store.clone(), cancel.clone());
+        tracker.spawn(async move {
+            if let Err(error) = source.run(store, cancel.clone()).await {
+                tracing::error!(%error, "endpoint discovery failed; shutting down");
+                cancel.cancel();
+            }
+        });
+    }
+    // Scrapers.
+    let mut scrape = ScrapeConfig::new(engine);
+    scrape.scheme.clone_from(&cli.model_server_metrics_scheme);
+    scrape.path.clone_from(&cli.model_server_metrics_path);
+    scrape.port = (cli.model_server_metrics_port != 0).then_some(cli.model_server_metrics_port);
+    scrape.interval = cli.refresh_metrics_interval;
+    scrape.timeout = cli.model_server_metrics_timeout;
+    scrape.insecure_skip_verify = cli.model_server_metrics_https_insecure_skip_verify;
+    let scraped = spawn_scrapers(store.clone(), scrape, &tracker, cancel.clone())?;
+
+    // Health follows discovery and the first scrape round; stateful plugins follow the set.
+    let (health_tx, health_rx) = watch::channel(HealthState {
+        leader_election: cli.ha_enable_leader_election,
+        ..HealthState::default()
+    });
+    tracker.spawn(follow_pool(
+        store.clone(),
+        scheduler.clone(),
+        scraped,
+        health_tx,
+        cancel.clone(),
+    ));
+
+    // Servers.
+    let ext_proc = ExtProcService::new(director, metrics.clone());
+    let health_service = HealthService::new(health_rx.clone());
+    let mut builder = tonic::transport::Server::builder();
+    let mut self_signed_cert = None;
+    if let Some((identity, pem)) = tls {
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| AppError::Unsupported(format!("TLS configuration rejected: {e}")))?;
+        self_signed_cert = pem;
+    }
+    let mut router = builder.add_service(ext_proc.into_server());
+    if cli.health_checking {
+        router = router.add_service(health_service.clone().into_server());
+    }
+    {
+        let cancel = cancel.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        tracker.spawn(async move {
+            if let Err(error) = router
+                .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned())
+                .await
+            {
+                tracing::error!(%error, "ext_proc server failed");
+                cancel.cancel();
+            }
+        });
+    }
+    {
+        let cancel = cancel.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(health_listener);
+        let server = tonic::transport::Server::builder().add_service(health_service.into_server());
+        tracker.spawn(async move {
+            if let Err(error) = server
+                .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned())
+                .await
+            {
+                tracing::error!(%error, "health server failed");
+                cancel.cancel();
+            }
+        });
+    }
+    {
+        let cancel = cancel.clone();
+        let router = admin::router(AdminState {
+            metrics,
+            health: health_rx.clone(),
+        });
+        if cli.metrics_endpoint_auth && cli.pool_name.is_empty() && cli.endpoint_selector.is_none() {
+            tracing::info!("metrics endpoint auth is off for a static pool (there is no cluster to ask)");
+        }
+        tracker.spawn(async move {
+            if let Err(error) = admin::serve(metrics_listener, router, cancel.clone().cancelled_owned()).await
+            {
+                tracing::error!(%error, "metrics server failed");
+                cancel.cancel();
+            }
+        });
+    }
+    tracing::info!(%grpc_addr, %health_addr, %metrics_addr, tls = cli.secure_serving, config = %config.origin, "endpoint picker started");
+    Ok(Running {
+        grpc_addr,
+        health_addr,
+        metrics_addr,
+        store,
+        scheduler,
+        health: health_rx,
+        self_signed_cert,
+        cancel,
+        tracker,
+    })
+}
+
+/// Keeps health and stateful plugins in step with the pool.
+async fn follow_pool(
+    store: Arc<EndpointStore>,
+    scheduler: Arc<Scheduler>,
+    mut scraped: watch::Receiver<bool>,
+    health: watch::Sender<HealthState>,
+    cancel: CancellationToken,
+) {
+    let mut changes = store.subscribe();
+    loop {
+        let snapshot = store.load();
+        changes.mark_unchanged();
+        scheduler.endpoints_changed(&snapshot);
+        let done = *scraped.borrow_and_update();
+        health.send_if_modified(|h| {
+            let next = HealthState {
+                synced: snapshot.is_synced(),
+                scraped: done,
+                ..*h
+            };
+            let changed = next != *h;
+            *h = next;
+            changed
+        });
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+            r = scraped.changed() => if r.is_err() { return },
+        }
+    }
+}

@@ -1,0 +1,508 @@
+//! The command line, compatible with the reference EPP's flags.
+//!
+//! Go's `flag` package accepts `-name` as well as `--name`, and boolean flags as bare `--x`
+//! or `--x=false`; durations are Go durations (`50ms`, `2s`, `1m30s`). [`parse_args`] accepts
+//! all of that, so the reference's manifests start this binary unchanged. Every check that
+//! needs no network runs in [`Cli::validate`], before any port is bound.
+
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser, ValueEnum};
+
+use crate::datalayer::extract::{CacheInfo, ENGINES, EngineMetrics, MetricSpec};
+
+/// Log format of `--zap-encoder`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogEncoder {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Console,
+}
+
+/// Go's `strconv.ParseBool`.
+fn go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(format!("invalid boolean value '{s}' (use true or false)")),
+    }
+}
+
+/// Go's `time.ParseDuration` for non-negative durations.
+pub fn go_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("invalid duration '{s}' (examples: 50ms, 2s, 1m30s)");
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut rest = s;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return Err(err());
+    }
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(err)?;
+        if num_end == 0 {
+            return Err(err());
+        }
+        let value: f64 = rest[..num_end].parse().map_err(|_| err())?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(err()),
+        };
+        total += value * scale;
+        rest = &rest[unit_end..];
+    }
+    Duration::try_from_secs_f64(total).map_err(|_| err())
+}
+
+fn metrics_scheme(s: &str) -> Result<String, String> {
+    match s {
+        "http" | "https" => Ok(s.to_owned()),
+        _ => Err(format!("unsupported scheme '{s}' (use http or https)")),
+    }
+}
+
+fn engine_name(s: &str) -> Result<String, String> {
+    if ENGINES.contains(&s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("unknown engine '{s}' (known: {})", ENGINES.join(", ")))
+    }
+}
+
+/// The EPP's flags. Reference flags keep the reference's names and defaults.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "epp",
+    version,
+    about = "Endpoint picker for the Gateway API Inference Extension"
+)]
+pub struct Cli {
+    /// ext_proc gRPC port.
+    #[arg(long, default_value_t = 9002)]
+    pub grpc_port: u16,
+    /// gRPC health port.
+    #[arg(long, default_value_t = 9003)]
+    pub grpc_health_port: u16,
+    /// Prometheus metrics port.
+    #[arg(long, default_value_t = 9090)]
+    pub metrics_port: u16,
+    /// Address all servers bind (all interfaces by default, as the reference).
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind_address: IpAddr,
+
+    /// InferencePool name (Kubernetes discovery).
+    #[arg(long, default_value = "")]
+    pub pool_name: String,
+    /// InferencePool namespace (default: $NAMESPACE, else `default`).
+    #[arg(long, default_value = "")]
+    pub pool_namespace: String,
+    /// InferencePool API group.
+    #[arg(long, default_value = "inference.networking.k8s.io")]
+    pub pool_group: String,
+    /// Standalone discovery: pod label selector `k=v,k2=v2`.
+    #[arg(long)]
+    pub endpoint_selector: Option<String>,
+    /// Standalone discovery: target ports `8000,8001`.
+    #[arg(long)]
+    pub endpoint_target_ports: Option<String>,
+    /// Static pool: `ip:port,ip:port` (no Kubernetes).
+    #[arg(long)]
+    pub static_endpoints: Option<String>,
+    /// Static pool from a YAML file, reloaded on change (no Kubernetes).
+    #[arg(long)]
+    pub endpoints_file: Option<PathBuf>,
+    /// kubeconfig path (default: in-cluster, then $KUBECONFIG).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// EndpointPickerConfig file.
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
+    /// EndpointPickerConfig as text.
+    #[arg(long)]
+    pub config_text: Option<String>,
+
+    /// Scrape interval per model server.
+    #[arg(long, default_value = "50ms", value_parser = go_duration)]
+    pub refresh_metrics_interval: Duration,
+    /// Accepted for compatibility (pool gauges are computed when scraped).
+    #[arg(long, default_value = "5s", value_parser = go_duration)]
+    pub refresh_prometheus_metrics_interval: Duration,
+    /// Metrics older than this are left out of the pool gauges.
+    #[arg(long, default_value = "2s", value_parser = go_duration)]
+    pub metrics_staleness_threshold: Duration,
+    /// Limit on one scrape.
+    #[arg(long, default_value = "1s", value_parser = go_duration)]
+    pub model_server_metrics_timeout: Duration,
+    /// Waiting-requests metric spec (overrides the engine's).
+    #[arg(long)]
+    pub total_queued_requests_metric: Option<String>,
+    /// Running-requests metric spec.
+    #[arg(long)]
+    pub total_running_requests_metric: Option<String>,
+    /// KV-cache utilisation metric spec.
+    #[arg(long)]
+    pub kv_cache_usage_percentage_metric: Option<String>,
+    /// LoRA info metric spec (`""` disables).
+    #[arg(long)]
+    pub lora_info_metric: Option<String>,
+    /// Cache config info metric spec (`""` disables).
+    #[arg(long)]
+    pub cache_info_metric: Option<String>,
+    /// Model-server engine when a pod has no engine-type label.
+    #[arg(long, default_value = "vllm", value_parser = engine_name)]
+    pub engine: String,
+    /// Metrics port on the model servers (0: the endpoint's port).
+    #[arg(long, default_value_t = 0)]
+    pub model_server_metrics_port: u16,
+    /// Metrics path on the model servers.
+    #[arg(long, default_value = "/metrics")]
+    pub model_server_metrics_path: String,
+    /// `http` or `https`.
+    #[arg(long, default_value = "http", value_parser = metrics_scheme)]
+    pub model_server_metrics_scheme: String,
+    /// Skip certificate checks when scraping over https.
+    #[arg(long, default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
+    pub model_server_metrics_https_insecure_skip_verify: bool,
+
+    /// Serve ext_proc over TLS (self-signed unless --cert-path).
+    #[arg(long, default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
+    pub secure_serving: bool,
+    /// Directory with `tls.crt` and `tls.key`.
+    #[arg(long)]
+    pub cert_path: Option<PathBuf>,
+    /// Accepted for compatibility; certificates are read at start.
+    #[arg(long, default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
+    pub enable_cert_reload: bool,
+    /// Also serve gRPC health on the ext_proc port.
+    #[arg(long, default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
+    pub health_checking: bool,
+    /// Leader election (readiness only on the leader).
+    #[arg(long, default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
+    pub ha_enable_leader_election: bool,
+    /// Require a Kubernetes bearer token on the metrics port.
+    #[arg(long, default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
+    pub metrics_endpoint_auth: bool,
+    /// Ignore the gateway's subset hint.
+    #[arg(long, default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
+    pub disable_endpoint_subset_filter: bool,
+    /// Accepted for compatibility (no profiling endpoints).
+    #[arg(long, default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
+    pub enable_pprof: bool,
+    /// Accepted for compatibility (no OpenTelemetry export).
+    #[arg(long, default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
+    pub tracing: bool,
+
+    /// Request bodies larger than this get 413.
+    #[arg(long, default_value_t = crate::request::DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// At most this many endpoints in `x-gateway-destination-endpoint` (1 for ORIGINAL_DST
+    /// clusters, which reject lists).
+    #[arg(long)]
+    pub destination_limit: Option<usize>,
+
+    /// Log verbosity (2 = info, 4 = debug, 5 = trace).
+    #[arg(long, default_value_t = 2)]
+    pub v: u8,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogEncoder::Console)]
+    pub zap_encoder: LogEncoder,
+    /// Log level (overrides --v): debug, info, warn, error, or a negative number.
+    #[arg(long)]
+    pub zap_log_level: Option<String>,
+    /// Accepted for compatibility.
+    #[arg(long, default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
+    pub zap_devel: bool,
+    /// Accepted for compatibility.
+    #[arg(long)]
+    pub zap_stacktrace_level: Option<String>,
+    /// Accepted for compatibility.
+    #[arg(long)]
+    pub zap_time_encoding: Option<String>,
+}
+
+/// Rewrites Go-style `-flag` into `--flag` (single-character flags are left alone).
+fn normalize(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    args.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            if i == 0 {
+                return a;
+            }
+            match a.to_str() {
+                Some(s) if s.len() > 2 && s.starts_with('-') && !s.starts_with("--") => {
+                    let second = s.as_bytes()[1];
+                    if second.is_ascii_alphabetic() {
+                        OsString::from(format!("-{s}"))
+                    } else {
+                        a
+                    }
+                }
+                _ => a,
+            }
+        })
+        .collect()
+}
+
+/// Parses a command line (including the program name).
+pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Cli, clap::Error> {
+    Cli::try_parse_from(normalize(args))
+}
+
+/// A flag combination or value that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CliError(pub String);
+
+impl Cli {
+    /// Checks what clap cannot: exclusive flags, required combinations, metric specs.
+    pub fn validate(&self) -> Result<(), CliError> {
+        if self.config_file.is_some() && self.config_text.is_some() {
+            return Err(CliError(
+                "--config-file and --config-text are mutually exclusive".into(),
+            ));
+        }
+        let sources = [
+            !self.pool_name.is_empty(),
+            self.endpoint_selector.is_some(),
+            self.static_endpoints.is_some(),
+            self.endpoints_file.is_some(),
+        ];
+        match sources.iter().filter(|s| **s).count() {
+            0 => {
+                return Err(CliError(
+                    "required flag not set: one of --pool-name, --endpoint-selector, --static-endpoints or \
+                     --endpoints-file"
+                        .into(),
+                ));
+            }
+            1 => {}
+            _ => {
+                return Err(CliError(
+                    "--pool-name, --endpoint-selector, --static-endpoints and --endpoints-file are mutually exclusive"
+                        .into(),
+                ));
+            }
+        }
+        if self.endpoint_selector.is_some() && self.endpoint_target_ports.is_none() {
+            return Err(CliError(
+                "--endpoint-selector needs --endpoint-target-ports".into(),
+            ));
+        }
+        if self.refresh_metrics_interval.is_zero() {
+            return Err(CliError("--refresh-metrics-interval must be positive".into()));
+        }
+        if self.destination_limit == Some(0) {
+            return Err(CliError("--destination-limit must be at least 1".into()));
+        }
+        if !self.model_server_metrics_path.starts_with('/') {
+            return Err(CliError("--model-server-metrics-path must start with '/'".into()));
+        }
+        self.engine_metrics()?;
+        Ok(())
+    }
+
+    /// The pool namespace: the flag, else `$NAMESPACE`, else `default`.
+    pub fn namespace(&self) -> String {
+        if !self.pool_namespace.is_empty() {
+            return self.pool_namespace.clone();
+        }
+        std::env::var("NAMESPACE")
+            .ok()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".into())
+    }
+
+    /// The default engine's metric mapping with the metric-name flags applied.
+    pub fn engine_metrics(&self) -> Result<EngineMetrics, CliError> {
+        let mut m = EngineMetrics::builtin(&self.engine)
+            .ok_or_else(|| CliError(format!("unknown engine '{}'", self.engine)))?;
+        let parse =
+            |flag: &str, v: &str| MetricSpec::parse(v).map_err(|e| CliError(format!("--{flag}: {e}")));
+        if let Some(v) = &self.total_queued_requests_metric {
+            m.queued = parse("total-queued-requests-metric", v)?;
+        }
+        if let Some(v) = &self.total_running_requests_metric {
+            m.running = parse("total-running-requests-metric", v)?;
+        }
+        if let Some(v) = &self.kv_cache_usage_percentage_metric {
+            m.kv_usage = parse("kv-cache-usage-percentage-metric", v)?
+                .into_iter()
+                .collect();
+        }
+        if let Some(v) = &self.lora_info_metric {
+            m.lora = parse("lora-info-metric", v)?;
+        }
+        if let Some(v) = &self.cache_info_metric {
+            m.cache = parse("cache-info-metric", v)?.map(|spec| match m.cache.take() {
+                Some(CacheInfo::Labels {
+                    block_size_label,
+                    num_blocks_label,
+                    ..
+                }) => CacheInfo::Labels {
+                    spec,
+                    block_size_label,
+                    num_blocks_label,
+                },
+                _ => CacheInfo::Labels {
+                    spec,
+                    block_size_label: "block_size".into(),
+                    num_blocks_label: "num_gpu_blocks".into(),
+                },
+            });
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        parse_args(
+            std::iter::once("epp")
+                .chain(args.iter().copied())
+                .map(OsString::from),
+        )
+    }
+
+    #[test]
+    fn seed_manifest_args_parse() {
+        let cli = parse(&[
+            "--pool-name",
+            "mistral",
+            "--pool-namespace",
+            "default",
+            "--v",
+            "4",
+            "--zap-encoder",
+            "json",
+            "--grpc-port",
+            "9002",
+            "--grpc-health-port",
+            "9003",
+            "--config-file",
+            "/config/default-plugins.yaml",
+        ])
+        .unwrap();
+        assert_eq!(cli.pool_name, "mistral");
+        assert_eq!(cli.v, 4);
+        assert_eq!(cli.zap_encoder, LogEncoder::Json);
+        assert!(cli.secure_serving);
+        cli.validate().unwrap();
+    }
+
+    #[test]
+    fn go_style_flags() {
+        let cli = parse(&[
+            "-pool-name=p",
+            "--secure-serving=false",
+            "--health-checking",
+            "-refresh-metrics-interval",
+            "100ms",
+            "--metrics-staleness-threshold=1m30s",
+        ])
+        .unwrap();
+        assert_eq!(cli.pool_name, "p");
+        assert!(!cli.secure_serving);
+        assert!(cli.health_checking);
+        assert_eq!(cli.refresh_metrics_interval, Duration::from_millis(100));
+        assert_eq!(cli.metrics_staleness_threshold, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn bad_flags_name_themselves() {
+        let e = parse(&["--pool-name", "p", "--no-such-flag"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--no-such-flag"), "{e}");
+        let e = parse(&["--pool-name", "p", "--grpc-port", "nine"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--grpc-port"), "{e}");
+        let e = parse(&["--secure-serving=maybe"]).unwrap_err().to_string();
+        assert!(e.contains("maybe"), "{e}");
+        let e = parse(&["--refresh-metrics-interval", "fast"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fast"), "{e}");
+        let e = parse(&["--model-server-metrics-scheme", "ftp"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ftp"), "{e}");
+    }
+
+    #[test]
+    fn combinations() {
+        assert!(
+            parse(&[])
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .0
+                .contains("--pool-name")
+        );
+        let e = parse(&["--static-endpoints", "127.0.0.1:1", "--pool-name", "p"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.0.contains("mutually exclusive"), "{e}");
+        let e = parse(&["--pool-name", "p", "--config-file", "a", "--config-text", "b"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.0.contains("--config-text"), "{e}");
+        let e = parse(&["--pool-name", "p", "--total-queued-requests-metric", "q{a=b"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.0.contains("--total-queued-requests-metric"), "{e}");
+    }
+
+    #[test]
+    fn metric_flags_override_the_engine() {
+        let cli = parse(&[
+            "--pool-name",
+            "p",
+            "--total-queued-requests-metric",
+            "nv_trt_llm_request_metrics{request_type=waiting}",
+            "--lora-info-metric",
+            "",
+        ])
+        .unwrap();
+        let m = cli.engine_metrics().unwrap();
+        assert_eq!(
+            m.queued.unwrap().labels,
+            vec![("request_type".into(), "waiting".into())]
+        );
+        assert!(m.lora.is_none());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(go_duration("50ms").unwrap(), Duration::from_millis(50));
+        assert_eq!(go_duration("1h2m3.5s").unwrap(), Duration::from_secs_f64(3723.5));
+        assert_eq!(go_duration("0").unwrap(), Duration::ZERO);
+        assert!(go_duration("5").is_err());
+        assert!(go_duration("-1s").is_err());
+        assert!(go_duration("").is_err());
+    }
+}

@@ -1,0 +1,405 @@
+//! The EPP's own Prometheus metrics, under the reference's current (v1.1+) names, so existing
+//! dashboards and alerts keep working.
+//!
+//! Request families are fed by [`RequestObserver`] (one call when a request is routed, one
+//! when its stream ends), scheduler families by [`SchedulerObserver`] (per-plugin timers
+//! resolved once at start-up, so the request path does no label lookups for them), and the
+//! pool gauges are computed from the current snapshot when `/metrics` is scraped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use super::pool::PoolCollector;
+use crate::datalayer::EndpointStore;
+use crate::protocol::{RequestObserver, RequestRecord};
+use crate::scheduling::{PrefixHit, SchedulerObserver, Timer};
+
+/// `model_name`, `target_model_name`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// Model in the request.
+    pub model_name: String,
+    /// Model served.
+    pub target_model_name: String,
+}
+
+/// Error counter labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// Model in the request.
+    pub model_name: String,
+    /// Model served.
+    pub target_model_name: String,
+    /// Reference error code (`BadRequest`, `ServiceUnavailable`, ...).
+    pub error_code: String,
+}
+
+/// Running-requests gauge labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunningLabels {
+    /// Model in the request.
+    pub model_name: String,
+}
+
+/// Plugin timing labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    /// `Filter`, `Scorer`, `Picker`, `ProfilePicker`, `PreRequest`.
+    pub extension_point: String,
+    /// Plugin type.
+    pub plugin_type: String,
+    /// Plugin name.
+    pub plugin_name: String,
+}
+
+/// Picks per endpoint (the reference's v1.5 `scheduler_attempts_total`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// `success` or `failure`.
+    pub status: String,
+    /// Model served.
+    pub target_model_name: String,
+    /// Endpoint name (pod, rank, or address).
+    pub pod_name: String,
+    /// Pool namespace.
+    pub namespace: String,
+    /// Endpoint port.
+    pub port: String,
+}
+
+/// Build identity.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InfoLabels {
+    /// Source revision.
+    pub commit: String,
+    /// Build reference (version).
+    pub build_ref: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0,
+        15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 180.0, 240.0, 300.0, 360.0, 480.0, 600.0, 900.0, 1200.0, 1800.0,
+        2700.0, 3600.0,
+    ])
+}
+
+fn request_size_histogram() -> Histogram {
+    // 64 B … 64 KiB by doubling, then 128 KiB … 8 MiB, then 16 MiB … 1 GiB, as the reference.
+    Histogram::new((6..=30).map(|p| f64::from(1u32 << p)))
+}
+
+fn response_size_histogram() -> Histogram {
+    Histogram::new([
+        1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32778.0,
+        65536.0,
+    ])
+}
+
+fn input_token_histogram() -> Histogram {
+    let mut b = vec![1.0];
+    b.extend((3..=20).map(|p| if p == 15 { 32778.0 } else { f64::from(1u32 << p) }));
+    Histogram::new(b)
+}
+
+fn output_token_histogram() -> Histogram {
+    let mut b = vec![1.0];
+    b.extend((3..=13).map(|p| f64::from(1u32 << p)));
+    Histogram::new(b)
+}
+
+fn scheduler_histogram() -> Histogram {
+    Histogram::new([0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1])
+}
+
+/// All EPP metric families and the registry that exposes them.
+pub struct EppMetrics {
+    registry: Registry,
+    namespace: String,
+    request_total: Family<ModelLabels, Counter>,
+    request_error_total: Family<ErrorLabels, Counter>,
+    request_duration: HistogramFamily<ModelLabels>,
+    request_sizes: HistogramFamily<ModelLabels>,
+    response_sizes: HistogramFamily<ModelLabels>,
+    input_tokens: HistogramFamily<ModelLabels>,
+    output_tokens: HistogramFamily<ModelLabels>,
+    running_requests: Family<RunningLabels, Gauge>,
+    scheduler_e2e: Histogram,
+    plugin_duration: HistogramFamily<PluginLabels>,
+    prefix_hit_ratio: Histogram,
+    prefix_hit_bytes: Histogram,
+    attempts: Family<AttemptLabels, Counter>,
+}
+
+impl std::fmt::Debug for EppMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EppMetrics").finish_non_exhaustive()
+    }
+}
+
+impl EppMetrics {
+    /// Registers every family. `pool` labels the pool gauges; `namespace` the pick counter;
+    /// `prefix_indexes` feed the index-size gauge.
+    pub fn new(
+        store: Arc<EndpointStore>,
+        pool: &str,
+        namespace: &str,
+        staleness: Duration,
+        prefix_indexes: Vec<Arc<crate::prefix::PrefixIndex>>,
+    ) -> Self {
+        let mut registry = Registry::default();
+        let request_total = Family::<ModelLabels, Counter>::default();
+        let request_error_total = Family::<ErrorLabels, Counter>::default();
+        let request_duration = HistogramFamily::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let request_sizes =
+            HistogramFamily::new_with_constructor(request_size_histogram as fn() -> Histogram);
+        let response_sizes =
+            HistogramFamily::new_with_constructor(response_size_histogram as fn() -> Histogram);
+        let input_tokens = HistogramFamily::new_with_constructor(input_token_histogram as fn() -> Histogram);
+        let output_tokens =
+            HistogramFamily::new_with_constructor(output_token_histogram as fn() -> Histogram);
+        let running_requests = Family::<RunningLabels, Gauge>::default();
+        let scheduler_e2e = scheduler_histogram();
+        let plugin_duration = HistogramFamily::new_with_constructor(scheduler_histogram as fn() -> Histogram);
+        let prefix_hit_ratio = Histogram::new((0..=10).map(|i| f64::from(i) / 10.0));
+        let prefix_hit_bytes =
+            Histogram::new(std::iter::once(0.0).chain((4..=16).map(|p| f64::from(1u32 << p))));
+        let attempts = Family::<AttemptLabels, Counter>::default();
+        let info = Family::<InfoLabels, Gauge>::default();
+        info.get_or_create(&InfoLabels {
+            commit: option_env!("EPP_COMMIT").unwrap_or("unknown").to_owned(),
+            build_ref: env!("CARGO_PKG_VERSION").to_owned(),
+        })
+        .set(1);
+
+        let a = "[ALPHA] ";
+        registry.register(
+            "inference_objective_request",
+            format!("{a}Counter of inference objective requests broken out for each model and target model"),
+            request_total.clone(),
+        );
+        registry.register(
+            "inference_objective_request_error",
+            format!(
+                "{a}Counter of inference objective requests errors broken out for each model and target model"
+            ),
+            request_error_total.clone(),
+        );
+        registry.register(
+            "inference_objective_request_duration_seconds",
+            format!("{a}Inference objective response latency distribution in seconds for each model and target model"),
+            request_duration.clone(),
+        );
+        registry.register(
+            "inference_objective_request_sizes",
+            format!(
+                "{a}Inference objective requests size distribution in bytes for each model and target model"
+            ),
+            request_sizes.clone(),
+        );
+        registry.register(
+            "inference_objective_response_sizes",
+            format!(
+                "{a}Inference objective responses size distribution in bytes for each model and target model"
+            ),
+            response_sizes.clone(),
+        );
+        registry.register(
+            "inference_objective_input_tokens",
+            format!("{a}Inference objective input token count distribution for requests in each model"),
+            input_tokens.clone(),
+        );
+        registry.register(
+            "inference_objective_output_tokens",
+            format!("{a}Inference objective output token count distribution for requests in each model"),
+            output_tokens.clone(),
+        );
+        registry.register(
+            "inference_objective_running_requests",
+            format!("{a}Inference objective number of running requests in each model"),
+            running_requests.clone(),
+        );
+        registry.register(
+            "inference_extension_scheduler_e2e_duration_seconds",
+            format!("{a}Scheduling cycle latency distribution in seconds"),
+            scheduler_e2e.clone(),
+        );
+        registry.register(
+            "inference_extension_plugin_duration_seconds",
+            format!("{a}Plugin latency distribution in seconds for each extension point, plugin type and plugin name"),
+            plugin_duration.clone(),
+        );
+        registry.register(
+            "inference_extension_prefix_indexer_hit_ratio",
+            format!("{a}Ratio of the request's prefix blocks found on the chosen endpoint"),
+            prefix_hit_ratio.clone(),
+        );
+        registry.register(
+            "inference_extension_prefix_indexer_hit_bytes",
+            format!("{a}Length of the request's prefix found on the chosen endpoint, in bytes"),
+            prefix_hit_bytes.clone(),
+        );
+        registry.register(
+            "inference_extension_scheduler_attempts",
+            format!("{a}Scheduling outcomes, with the chosen endpoint on success: where traffic goes"),
+            attempts.clone(),
+        );
+        registry.register(
+            "inference_extension_info",
+            format!("{a}General information of the current build"),
+            info,
+        );
+        registry.register_collector(Box::new(PoolCollector::new(
+            store,
+            pool,
+            staleness,
+            prefix_indexes,
+        )));
+
+        Self {
+            registry,
+            namespace: namespace.to_owned(),
+            request_total,
+            request_error_total,
+            request_duration,
+            request_sizes,
+            response_sizes,
+            input_tokens,
+            output_tokens,
+            running_requests,
+            scheduler_e2e,
+            plugin_duration,
+            prefix_hit_ratio,
+            prefix_hit_bytes,
+            attempts,
+        }
+    }
+
+    /// The exposition text (OpenMetrics).
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::with_capacity(16 << 10);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+fn model_labels(r: &RequestRecord) -> ModelLabels {
+    ModelLabels {
+        model_name: r.model.clone(),
+        target_model_name: r.target_model.clone(),
+    }
+}
+
+impl RequestObserver for EppMetrics {
+    fn routed(&self, r: &RequestRecord) {
+        let labels = model_labels(r);
+        self.request_total.get_or_create(&labels).inc();
+        self.request_sizes
+            .get_or_create(&labels)
+            .observe(r.request_bytes as f64);
+        self.running_requests
+            .get_or_create(&RunningLabels {
+                model_name: r.model.clone(),
+            })
+            .inc();
+        if let Some(ep) = &r.primary {
+            self.attempts
+                .get_or_create(&AttemptLabels {
+                    status: "success".into(),
+                    target_model_name: r.target_model.clone(),
+                    pod_name: ep.name.to_string(),
+                    namespace: self.namespace.clone(),
+                    port: ep.address.port().to_string(),
+                })
+                .inc();
+        }
+    }
+
+    fn finished(&self, r: &RequestRecord) {
+        let labels = model_labels(r);
+        if r.destinations.is_some() {
+            self.running_requests
+                .get_or_create(&RunningLabels {
+                    model_name: r.model.clone(),
+                })
+                .dec();
+            if r.response_complete {
+                self.request_duration
+                    .get_or_create(&labels)
+                    .observe(r.started.elapsed().as_secs_f64());
+                self.response_sizes
+                    .get_or_create(&labels)
+                    .observe(r.response_bytes as f64);
+            }
+            if let Some(u) = r.usage {
+                if let Some(t) = u.prompt_tokens.filter(|t| *t > 0) {
+                    self.input_tokens.get_or_create(&labels).observe(t as f64);
+                }
+                if let Some(t) = u.completion_tokens.filter(|t| *t > 0) {
+                    self.output_tokens.get_or_create(&labels).observe(t as f64);
+                }
+            }
+        }
+        if let Some((status, code)) = r.error {
+            self.request_error_total
+                .get_or_create(&ErrorLabels {
+                    model_name: r.model.clone(),
+                    target_model_name: r.target_model.clone(),
+                    error_code: code.to_owned(),
+                })
+                .inc();
+            if status == 429 || status == 503 {
+                self.attempts
+                    .get_or_create(&AttemptLabels {
+                        status: "failure".into(),
+                        target_model_name: r.target_model.clone(),
+                        pod_name: String::new(),
+                        namespace: self.namespace.clone(),
+                        port: String::new(),
+                    })
+                    .inc();
+            }
+        }
+    }
+}
+
+impl SchedulerObserver for EppMetrics {
+    fn plugin_timer(
+        &self,
+        extension_point: &'static str,
+        plugin_type: &str,
+        plugin_name: &str,
+    ) -> Option<Timer> {
+        let h = self
+            .plugin_duration
+            .get_or_create(&PluginLabels {
+                extension_point: extension_point.to_owned(),
+                plugin_type: plugin_type.to_owned(),
+                plugin_name: plugin_name.to_owned(),
+            })
+            .clone();
+        Some(Arc::new(move |d: Duration| h.observe(d.as_secs_f64())))
+    }
+
+    fn cycle(&self, elapsed: Duration) {
+        self.scheduler_e2e.observe(elapsed.as_secs_f64());
+    }
+
+    fn prefix_hit(&self, hit: PrefixHit) {
+        if hit.total_blocks > 0 {
+            self.prefix_hit_ratio
+                .observe(hit.matched_blocks as f64 / hit.total_blocks as f64);
+            self.prefix_hit_bytes
+                .observe((hit.matched_blocks * hit.block_bytes) as f64);
+        }
+    }
+}
