@@ -226,6 +226,8 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
     scrape.interval = cli.refresh_metrics_interval;
     scrape.timeout = cli.model_server_metrics_timeout;
     scrape.insecure_skip_verify = cli.model_server_metrics_https_insecure_skip_verify;
+    scrape.name_filter = cli.model_server_metrics_name_filter;
+    scrape.dedicated_thread = true;
     let scraped = spawn_scrapers(store.clone(), scrape, &tracker, cancel.clone())?;
 
     // Health follows discovery and the first scrape round; stateful plugins follow the set.

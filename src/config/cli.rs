@@ -182,6 +182,10 @@ pub struct Cli {
     #[arg(long, default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
     pub model_server_metrics_https_insecure_skip_verify: bool,
 
+    /// Ask model servers for only the needed series (`?name[]=`).
+    #[arg(long, default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
+    pub model_server_metrics_name_filter: bool,
+
     /// Serve ext_proc over TLS (self-signed unless --cert-path).
     #[arg(long, default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
     pub secure_serving: bool,

@@ -8,6 +8,7 @@
 
 mod endpoint;
 pub mod extract;
+mod fetch;
 pub mod scrape;
 pub mod source;
 mod store;

@@ -139,23 +139,37 @@ impl EndpointStore {
     /// Publishes new metrics for `endpoint`. Returns `false` (and changes nothing) when the
     /// endpoint has left the pool meanwhile, so a late scrape cannot resurrect it.
     pub fn update_metrics(&self, endpoint: &Arc<Endpoint>, metrics: Metrics) -> bool {
+        self.update_metrics_batch([(endpoint.clone(), metrics)]) == 1
+    }
+
+    /// Publishes several metric updates in one new snapshot (later entries for the same
+    /// endpoint win). Updates for endpoints no longer in the pool are dropped. Returns how
+    /// many endpoints were updated.
+    pub fn update_metrics_batch(&self, updates: impl IntoIterator<Item = (Arc<Endpoint>, Metrics)>) -> usize {
         let _guard = self.writer.lock();
         let old = self.current.load();
-        let Some(pos) = old
-            .endpoints
-            .iter()
-            .position(|s| Arc::ptr_eq(&s.endpoint, endpoint))
-        else {
-            return false;
-        };
-        let mut endpoints = old.endpoints.clone();
-        endpoints[pos].metrics = Arc::new(metrics);
-        self.current.store(Arc::new(Snapshot {
-            endpoints,
-            synced: old.synced,
-            generation: old.generation,
-        }));
-        true
+        let mut endpoints: Option<Vec<EndpointState>> = None;
+        let mut updated = 0;
+        for (endpoint, metrics) in updates {
+            let Some(pos) = old
+                .endpoints
+                .iter()
+                .position(|s| Arc::ptr_eq(&s.endpoint, &endpoint))
+            else {
+                continue;
+            };
+            let eps = endpoints.get_or_insert_with(|| old.endpoints.clone());
+            eps[pos].metrics = Arc::new(metrics);
+            updated += 1;
+        }
+        if let Some(endpoints) = endpoints {
+            self.current.store(Arc::new(Snapshot {
+                endpoints,
+                synced: old.synced,
+                generation: old.generation,
+            }));
+        }
+        updated
     }
 }
 
