@@ -339,7 +339,7 @@ async fn scrape_loop(
                         .state_of(&endpoint)
                         .map(|s| (*s.metrics).clone())
                         .unwrap_or_default();
-                    match engine.extract(&page, &previous, Instant::now()) {
+                    match engine.extract(page, &previous, Instant::now()) {
                         Some(metrics) => {
                             // Bounded queue: a stalled publisher slows scrapers; it never grows.
                             if updates.send((endpoint.clone(), metrics)).await.is_err() {
