@@ -643,7 +643,8 @@ async fn metrics_mode_breaks_and_stalls_the_metrics_endpoint() {
         let (client, url) = (sim.client.clone(), sim.url("/metrics"));
         async move { client.get(url).send().await.unwrap().status() }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(eventually(500, || async { sim.stats().await["metrics_calls_hanging"] == 1 }).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!pending.is_finished());
     sim.put("/sim/metrics-mode", "ok").await;
     let status = tokio::time::timeout(Duration::from_secs(10), pending)
@@ -651,6 +652,7 @@ async fn metrics_mode_breaks_and_stalls_the_metrics_endpoint() {
         .unwrap()
         .unwrap();
     assert_eq!(status, StatusCode::OK);
+    assert_eq!(sim.stats().await["metrics_calls_hanging"], 0);
 
     // A hanging scrape does not hold up shutdown; it gets 503.
     sim.put("/sim/metrics-mode", "hang").await;
@@ -658,14 +660,7 @@ async fn metrics_mode_breaks_and_stalls_the_metrics_endpoint() {
         let (client, url) = (sim.client.clone(), sim.url("/metrics"));
         async move { client.get(url).send().await.unwrap().status() }
     });
-    assert!(
-        eventually(100, || async {
-            // The scrape is in the server once the hang is observable from outside.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            !pending.is_finished()
-        })
-        .await
-    );
+    assert!(eventually(500, || async { sim.sim.stats().metrics_calls_hanging == 1 }).await);
     sim.shutdown().await.unwrap();
     let status = tokio::time::timeout(Duration::from_secs(10), pending)
         .await
@@ -931,6 +926,7 @@ mod binary {
         for args in [
             &["--bogus"][..],
             &["--max-num-seqs", "0"],
+            &["--kv-blocks", "99999999"],
             &["--port", "70000"],
             &["--time-scale=nan"],
             &["--decode-ms-per-token", "fast"],

@@ -33,7 +33,7 @@ struct Cli {
     /// Served model name.
     #[arg(long, default_value = "tiny")]
     model: String,
-    /// Instance id for the x-vllm-sim-id header [default: <host>:<port>].
+    /// Instance id for the x-vllm-sim-id header (default: HOST:PORT).
     #[arg(long)]
     id: Option<String>,
     /// Running slots.

@@ -89,6 +89,8 @@ pub struct SimStats {
     pub generation_tokens: u64,
     /// The current `/metrics` mode.
     pub metrics_mode: MetricsMode,
+    /// `/metrics` calls being held by the `hang` mode right now.
+    pub metrics_calls_hanging: usize,
     /// The overrides in force.
     pub overrides: Overrides,
 }

@@ -7,6 +7,10 @@
 
 use thiserror::Error;
 
+/// Most KV blocks a simulator models (16M tokens at the default block size); the block
+/// table is kept in memory, so this bounds it.
+pub const MAX_KV_BLOCKS: u32 = 1 << 20;
+
 /// Settings of a simulated vLLM server.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimConfig {
@@ -75,6 +79,9 @@ pub enum SimConfigError {
         "bad LoRA adapter name {0:?}: names must be non-empty, distinct, comma-free and differ from the model"
     )]
     BadAdapter(String),
+    /// More KV blocks than [`MAX_KV_BLOCKS`].
+    #[error("kv_blocks must be at most {MAX_KV_BLOCKS}, got {0}")]
+    TooManyBlocks(u32),
     /// Adapters were named while LoRA is off.
     #[error("LoRA adapters need max_loras > 0")]
     AdaptersWithoutLora,
@@ -96,6 +103,9 @@ impl SimConfig {
             if v == 0 {
                 return Err(SimConfigError::Zero(name));
             }
+        }
+        if self.kv_blocks > MAX_KV_BLOCKS {
+            return Err(SimConfigError::TooManyBlocks(self.kv_blocks));
         }
         if self.max_body_bytes == 0 {
             return Err(SimConfigError::Zero("max_body_bytes"));
@@ -141,7 +151,7 @@ impl SimConfig {
             },
             served_by: self.served_by.clone(),
             max_num_seqs: self.max_num_seqs.max(1),
-            kv_blocks: self.kv_blocks.max(1),
+            kv_blocks: self.kv_blocks.clamp(1, MAX_KV_BLOCKS),
             block_size: self.block_size.max(1),
             bytes_per_token: self.bytes_per_token.max(1),
             prefill_seconds_per_token: number(self.prefill_seconds_per_token, d.prefill_seconds_per_token),
@@ -197,6 +207,15 @@ mod tests {
             ..SimConfig::default()
         };
         assert_eq!(c.validate(), Err(SimConfigError::AdaptersWithoutLora));
+        let c = SimConfig {
+            kv_blocks: MAX_KV_BLOCKS + 1,
+            ..SimConfig::default()
+        };
+        assert_eq!(
+            c.validate(),
+            Err(SimConfigError::TooManyBlocks(MAX_KV_BLOCKS + 1))
+        );
+        assert_eq!(c.sanitized().kv_blocks, MAX_KV_BLOCKS);
         let c = SimConfig {
             max_loras: 1,
             lora_adapters: vec!["a".into(), "a".into()],

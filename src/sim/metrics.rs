@@ -27,6 +27,8 @@ pub const PHASE_BUCKETS: &[f64] = &[
 pub const TOKEN_LATENCY_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 ];
+/// Bucket bounds of the `n` request parameter histogram.
+pub const PARAMS_N_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0];
 /// Bucket bounds of the preemption-count histogram.
 pub const PREEMPTION_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0];
 
@@ -152,6 +154,8 @@ pub struct Stats {
     pub prefill_computed: Histogram,
     /// Preemptions per request.
     pub preemptions_per_request: Histogram,
+    /// The `n` parameter per request (always 1 here).
+    pub params_n: Histogram,
 }
 
 impl Stats {
@@ -181,6 +185,7 @@ impl Stats {
             max_tokens: Histogram::new(&tokens),
             prefill_computed: Histogram::new(&tokens),
             preemptions_per_request: Histogram::new(PREEMPTION_BUCKETS),
+            params_n: Histogram::new(PARAMS_N_BUCKETS),
         }
     }
 }
@@ -330,6 +335,23 @@ pub fn render(config: &SimConfig, snap: &EngineSnapshot, overrides: &Overrides, 
     };
     let kv = overrides.kv_cache_usage.unwrap_or(snap.kv_cache_usage);
 
+    let none: &[(&str, &str)] = &[];
+    for (name, help) in [
+        (
+            "vllm:estimated_flops_per_gpu",
+            "Estimated number of floating point operations per GPU (for Model Flops Utilization calculations).",
+        ),
+        (
+            "vllm:estimated_read_bytes_per_gpu",
+            "Estimated number of bytes read from memory per GPU (for Model Flops Utilization calculations).",
+        ),
+        (
+            "vllm:estimated_write_bytes_per_gpu",
+            "Estimated number of bytes written to memory per GPU (for Model Flops Utilization calculations).",
+        ),
+    ] {
+        w.counter(name, help, &[(none, 0.0)]);
+    }
     w.gauge(
         "vllm:num_requests_running",
         "Number of requests in model execution batches.",
@@ -372,7 +394,6 @@ pub fn render(config: &SimConfig, snap: &EngineSnapshot, overrides: &Overrides, 
         "KV-cache usage. 1 means 100 percent usage.",
         kv,
     );
-    let none: &[(&str, &str)] = &[];
     w.counter(
         "vllm:prefix_cache_queries",
         "Prefix cache queries, in terms of number of queried tokens.",
@@ -383,6 +404,26 @@ pub fn render(config: &SimConfig, snap: &EngineSnapshot, overrides: &Overrides, 
         "Prefix cache hits, in terms of number of cached tokens.",
         &[(none, s.prefix_hits as f64)],
     );
+    for (name, help) in [
+        (
+            "vllm:external_prefix_cache_queries",
+            "External prefix cache queries from KV connector cross-instance cache sharing, in terms of number of queried tokens.",
+        ),
+        (
+            "vllm:external_prefix_cache_hits",
+            "External prefix cache hits from KV connector cross-instance cache sharing, in terms of number of cached tokens.",
+        ),
+        (
+            "vllm:mm_cache_queries",
+            "Multi-modal cache queries, in terms of number of queried items.",
+        ),
+        (
+            "vllm:mm_cache_hits",
+            "Multi-modal cache hits, in terms of number of cached items.",
+        ),
+    ] {
+        w.counter(name, help, &[(none, 0.0)]);
+    }
     w.counter(
         "vllm:num_preemptions",
         "Cumulative number of preemption from the engine.",
@@ -406,6 +447,17 @@ pub fn render(config: &SimConfig, snap: &EngineSnapshot, overrides: &Overrides, 
         "vllm:prompt_tokens_cached",
         "Number of cached prompt tokens (local + external).",
         &[(none, s.prompt_cached as f64)],
+    );
+    w.counter(
+        "vllm:prompt_tokens_cached_by_source",
+        "Prefix-cache hit tokens by the cache tier that supplied them: device (local HBM), host (offloaded to DRAM), disk, p2p (transferred from another vLLM instance) or external_unspecified. Counted at admission; sums to vllm:prefix_cache_hits + vllm:external_prefix_cache_hits.",
+        &[
+            (&[("source", "device")], s.prefix_hits as f64),
+            (&[("source", "host")], 0.0),
+            (&[("source", "p2p")], 0.0),
+            (&[("source", "disk")], 0.0),
+            (&[("source", "external_unspecified")], 0.0),
+        ],
     );
     w.counter(
         "vllm:generation_tokens",
@@ -459,6 +511,11 @@ pub fn render(config: &SimConfig, snap: &EngineSnapshot, overrides: &Overrides, 
             "vllm:request_max_num_generation_tokens",
             "Histogram of maximum number of requested generation tokens.",
             &s.max_tokens,
+        ),
+        (
+            "vllm:request_params_n",
+            "Histogram of the n request parameter.",
+            &s.params_n,
         ),
         (
             "vllm:request_params_max_tokens",

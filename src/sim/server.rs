@@ -122,6 +122,7 @@ impl Simulator {
             preemptions: s.stats.preemptions,
             generation_tokens: s.stats.generation_tokens,
             metrics_mode: self.metrics_mode(),
+            metrics_calls_hanging: self.mode.receiver_count(),
             overrides: self.overrides(),
         }
     }
@@ -480,6 +481,15 @@ async fn models(State(sim): State<Arc<Simulator>>) -> Response {
     json_response(StatusCode::OK, body.to_string())
 }
 
+fn metrics_ok(sim: &Simulator) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        sim.metrics_text(),
+    )
+        .into_response()
+}
+
 async fn metrics_page(State(sim): State<Arc<Simulator>>, closing: Option<Extension<Closing>>) -> Response {
     let closing = closing.map(|Extension(c)| c.0).unwrap_or_default();
     let unavailable = || {
@@ -490,18 +500,16 @@ async fn metrics_page(State(sim): State<Arc<Simulator>>, closing: Option<Extensi
         )
         .into_response()
     };
-    let mut mode = sim.mode.subscribe();
+    // Only hanging calls subscribe, so the receiver count is the number of hanging calls.
+    let mut mode = match *sim.mode.borrow() {
+        MetricsMode::Hang => sim.mode.subscribe(),
+        MetricsMode::Ok => return metrics_ok(&sim),
+        MetricsMode::Error => return unavailable(),
+    };
     loop {
         let current = *mode.borrow_and_update();
         match current {
-            MetricsMode::Ok => {
-                return (
-                    StatusCode::OK,
-                    [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-                    sim.metrics_text(),
-                )
-                    .into_response();
-            }
+            MetricsMode::Ok => return metrics_ok(&sim),
             MetricsMode::Error => return unavailable(),
             MetricsMode::Hang => {
                 tokio::select! {
