@@ -12,7 +12,8 @@
 //! * [`config`]: the EndpointPickerConfig, validated once at start-up;
 //! * [`scheduling`]: profiles, filters, scorers, pickers;
 //! * [`prefix`]: the approximate prefix-cache index;
-//! * [`datalayer`]: endpoints and their metrics, published as snapshots.
+//! * [`datalayer`]: endpoints and their metrics, published as snapshots;
+//! * [`sim`]: a simulated vLLM server (the `vllm-sim` binary) for end-to-end tests.
 
 #![forbid(unsafe_code)]
 
@@ -24,3 +25,4 @@ pub mod prefix;
 pub mod protocol;
 pub mod request;
 pub mod scheduling;
+pub mod sim;
