@@ -260,7 +260,7 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
     }
     {
         let cancel = cancel.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        let incoming = crate::protocol::incoming(grpc);
         tracker.spawn(async move {
             if let Err(error) = router
                 .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned())
@@ -273,7 +273,7 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
     }
     {
         let cancel = cancel.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(health_listener);
+        let incoming = crate::protocol::incoming(health_listener);
         let server = tonic::transport::Server::builder().add_service(health_service.into_server());
         tracker.spawn(async move {
             if let Err(error) = server

@@ -163,6 +163,20 @@ pub async fn serve_plaintext(
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(service.into_server())
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
+}
+
+/// Accepted connections with Nagle's algorithm off. ext_proc answers are small writes that
+/// must leave at once: with Nagle on, a body answer can wait for the peer's delayed ACK
+/// (40 ms on Linux), which showed as a 40 ms floor on 220 KB requests.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
+    use futures_util::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|stream| {
+            let _ = stream.set_nodelay(true);
+        })
+    })
 }
