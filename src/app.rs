@@ -14,12 +14,16 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{Admission, ObjectiveTable, SaturationConfig};
 use crate::config::cli::{Cli, CliError, LogEncoder};
 use crate::config::{ConfigError, EndpointPickerConfig};
 use crate::datalayer::EndpointStore;
 use crate::datalayer::scrape::{ScrapeConfig, ScrapeError, spawn_scrapers};
 use crate::datalayer::source::{EndpointSource, FileSource, SourceError, StaticSource, parse_static};
-use crate::observability::admin::{self, AdminState};
+use crate::k8s::discovery::{KubeSource, LEGACY_GROUP, POOL_GROUP, PoolRef, parse_ports, parse_selector};
+use crate::k8s::leader::{LeaderElector, LeaseTimings, lease_name};
+use crate::k8s::{self, auth::KubeAuth};
+use crate::observability::admin::{self, AdminState, MetricsAuth};
 use crate::observability::health::{HealthService, HealthState};
 use crate::observability::logging;
 use crate::observability::metrics::EppMetrics;
@@ -57,6 +61,12 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    /// Kubernetes client set-up.
+    #[error(transparent)]
+    Kubernetes(#[from] crate::k8s::K8sError),
+    /// Saturation thresholds.
+    #[error(transparent)]
+    Saturation(#[from] crate::admission::SaturationConfigError),
     /// A requested feature this build does not provide.
     #[error("{0}")]
     Unsupported(String),
@@ -80,21 +90,53 @@ pub fn load_config(cli: &Cli) -> Result<EndpointPickerConfig, ConfigError> {
     }
 }
 
-fn endpoint_source(cli: &Cli) -> Result<Box<dyn EndpointSource>, AppError> {
+/// Where endpoints come from, and what else Kubernetes provides.
+struct Discovery {
+    source: Box<dyn EndpointSource>,
+    client: Option<kube::Client>,
+    objectives: Arc<ObjectiveTable>,
+}
+
+async fn discovery(cli: &Cli) -> Result<Discovery, AppError> {
+    let objectives = Arc::new(ObjectiveTable::default());
     if let Some(list) = &cli.static_endpoints {
-        return Ok(Box::new(StaticSource(parse_static(list)?)));
+        return Ok(Discovery {
+            source: Box::new(StaticSource(parse_static(list)?)),
+            client: None,
+            objectives,
+        });
     }
     if let Some(path) = &cli.endpoints_file {
-        return Ok(Box::new(FileSource::load(
-            path.clone(),
-            tokio::time::Duration::from_secs(1),
-        )?));
+        return Ok(Discovery {
+            source: Box::new(FileSource::load(
+                path.clone(),
+                tokio::time::Duration::from_secs(1),
+            )?),
+            client: None,
+            objectives,
+        });
     }
-    Err(AppError::Unsupported(
-        "Kubernetes discovery (--pool-name / --endpoint-selector) is not available in this build; use \
-         --static-endpoints or --endpoints-file"
-            .into(),
-    ))
+    let pool = match (&cli.endpoint_selector, &cli.endpoint_target_ports) {
+        (Some(selector), Some(ports)) => PoolRef::Selector {
+            labels: parse_selector(selector).map_err(|e| CliError(format!("--endpoint-selector: {e}")))?,
+            ports: parse_ports(ports).map_err(|e| CliError(format!("--endpoint-target-ports: {e}")))?,
+        },
+        _ => PoolRef::Pool {
+            name: cli.pool_name.clone(),
+            group: cli.pool_group.clone(),
+        },
+    };
+    let client = k8s::client(cli.kubeconfig.as_deref()).await?;
+    Ok(Discovery {
+        source: Box::new(KubeSource::new(
+            client.clone(),
+            cli.namespace(),
+            pool,
+            objectives.clone(),
+        )),
+        client: Some(client),
+        objectives,
+    })
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
@@ -149,7 +191,19 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
     cli.validate()?;
     let config = load_config(cli)?;
     let scheduler = config.build_scheduler(None)?;
-    let source = endpoint_source(cli)?;
+    let saturation = SaturationConfig::resolve(|k| std::env::var(k).ok(), &config.file)?;
+    if !matches!(cli.pool_group.as_str(), POOL_GROUP | LEGACY_GROUP) {
+        return Err(CliError(format!(
+            "--pool-group: '{}' is not {POOL_GROUP} or {LEGACY_GROUP}",
+            cli.pool_group
+        ))
+        .into());
+    }
+    let Discovery {
+        source,
+        client,
+        objectives,
+    } = discovery(cli).await?;
     let engine = cli.engine_metrics()?;
     let tls = if !cli.secure_serving {
         None
@@ -194,16 +248,19 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
         scheduler.prefix_indexes().to_vec(),
     ));
     let scheduler = Arc::new(scheduler.with_observer(metrics.clone()));
-    let director = Arc::new(Director::new(
-        store.clone(),
-        scheduler.clone(),
-        DirectorConfig {
-            max_body_bytes: cli.max_body_bytes,
-            max_destinations: cli.destination_limit,
-            ignore_subset_hint: cli.disable_endpoint_subset_filter,
-            staleness: Some(cli.metrics_staleness_threshold),
-        },
-    ));
+    let director = Arc::new(
+        Director::new(
+            store.clone(),
+            scheduler.clone(),
+            DirectorConfig {
+                max_body_bytes: cli.max_body_bytes,
+                max_destinations: cli.destination_limit,
+                ignore_subset_hint: cli.disable_endpoint_subset_filter,
+                staleness: Some(cli.metrics_staleness_threshold),
+            },
+        )
+        .with_admission(Admission::new(objectives, saturation)),
+    );
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -235,10 +292,37 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
         leader_election: cli.ha_enable_leader_election,
         ..HealthState::default()
     });
+    let (leader_tx, leader_rx) = watch::channel(false);
+    if cli.ha_enable_leader_election {
+        let Some(client) = client.clone() else {
+            return Err(CliError(
+                "--ha-enable-leader-election needs Kubernetes discovery (--pool-name or --endpoint-selector)"
+                    .into(),
+            )
+            .into());
+        };
+        let pool_id = if cli.pool_name.is_empty() {
+            standalone_id()
+        } else {
+            cli.pool_name.clone()
+        };
+        let elector = LeaderElector::new(
+            kube::Api::namespaced(client, &cli.namespace()),
+            lease_name(&cli.namespace(), &pool_id),
+            k8s::identity(),
+            LeaseTimings {
+                lease_duration: cli.ha_lease_duration,
+                renew_deadline: cli.ha_renew_deadline,
+                retry_period: cli.ha_retry_period,
+            },
+        );
+        tracker.spawn(elector.run(leader_tx, cancel.clone()));
+    }
     tracker.spawn(follow_pool(
         store.clone(),
         scheduler.clone(),
         scraped,
+        leader_rx,
         health_tx,
         cancel.clone(),
     ));
@@ -287,13 +371,19 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
     }
     {
         let cancel = cancel.clone();
+        let auth: Option<Arc<dyn MetricsAuth>> = match (&client, cli.metrics_endpoint_auth) {
+            (Some(client), true) => Some(Arc::new(KubeAuth::new(client.clone()))),
+            (None, true) => {
+                tracing::info!("metrics endpoint auth is off for a static pool (there is no cluster to ask)");
+                None
+            }
+            (_, false) => None,
+        };
         let router = admin::router(AdminState {
             metrics,
             health: health_rx.clone(),
+            auth,
         });
-        if cli.metrics_endpoint_auth && cli.pool_name.is_empty() && cli.endpoint_selector.is_none() {
-            tracing::info!("metrics endpoint auth is off for a static pool (there is no cluster to ask)");
-        }
         tracker.spawn(async move {
             if let Err(error) = admin::serve(metrics_listener, router, cancel.clone().cancelled_owned()).await
             {
@@ -321,6 +411,7 @@ async fn follow_pool(
     store: Arc<EndpointStore>,
     scheduler: Arc<Scheduler>,
     mut scraped: watch::Receiver<bool>,
+    mut leader: watch::Receiver<bool>,
     health: watch::Sender<HealthState>,
     cancel: CancellationToken,
 ) {
@@ -330,10 +421,12 @@ async fn follow_pool(
         changes.mark_unchanged();
         scheduler.endpoints_changed(&snapshot);
         let done = *scraped.borrow_and_update();
+        let leading = *leader.borrow_and_update();
         health.send_if_modified(|h| {
             let next = HealthState {
                 synced: snapshot.is_synced(),
                 scraped: done,
+                leader: leading,
                 ..*h
             };
             let changed = next != *h;
@@ -344,6 +437,18 @@ async fn follow_pool(
             () = cancel.cancelled() => return,
             r = changes.changed() => if r.is_err() { return },
             r = scraped.changed() => if r.is_err() { return },
+            r = leader.changed() => if r.is_err() { return },
         }
+    }
+}
+
+/// A lease id for standalone mode: the Deployment part of `$POD_NAME` (`name-<rs>-<pod>`), as
+/// the reference derives it, else `standalone`.
+fn standalone_id() -> String {
+    let pod = std::env::var("POD_NAME").unwrap_or_default();
+    let parts: Vec<&str> = pod.rsplitn(3, '-').collect();
+    match parts.as_slice() {
+        [_, _, deployment] if !deployment.is_empty() => (*deployment).to_owned(),
+        _ => "standalone".to_owned(),
     }
 }

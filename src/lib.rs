@@ -13,13 +13,18 @@
 //! * [`scheduling`]: profiles, filters, scorers, pickers;
 //! * [`prefix`]: the approximate prefix-cache index;
 //! * [`datalayer`]: endpoints and their metrics, published as snapshots;
+//! * [`k8s`]: InferencePool/pod/objective discovery, leader election, metrics auth;
+//! * [`admission`]: shedding sheddable requests when the pool is saturated;
+//! * [`observability`]: metrics, health, logs;
 //! * [`sim`]: a simulated vLLM server (the `vllm-sim` binary) for end-to-end tests.
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod app;
 pub mod config;
 pub mod datalayer;
+pub mod k8s;
 pub mod observability;
 pub mod prefix;
 pub mod protocol;

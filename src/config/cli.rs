@@ -201,6 +201,15 @@ pub struct Cli {
     /// Leader election (readiness only on the leader).
     #[arg(long, default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
     pub ha_enable_leader_election: bool,
+    /// Lease duration for leader election.
+    #[arg(long, default_value = "15s", value_parser = go_duration)]
+    pub ha_lease_duration: Duration,
+    /// A leader that cannot renew for this long steps down.
+    #[arg(long, default_value = "10s", value_parser = go_duration)]
+    pub ha_renew_deadline: Duration,
+    /// Time between leader-election attempts.
+    #[arg(long, default_value = "2s", value_parser = go_duration)]
+    pub ha_retry_period: Duration,
     /// Require a Kubernetes bearer token on the metrics port.
     #[arg(long, default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
     pub metrics_endpoint_auth: bool,

@@ -54,7 +54,9 @@ impl StreamError {
                 DirectorError::NotSynced => ErrorAnswer::Abort(tonic::Status::unavailable(d.to_string())),
                 DirectorError::NoEndpoints => immediate(500, "Internal", d),
                 DirectorError::NoCandidates => immediate(503, "ServiceUnavailable", d),
-                DirectorError::Scheduling(_) => immediate(429, "InferencePoolResourceExhausted", d),
+                DirectorError::Scheduling(_) | DirectorError::Shed => {
+                    immediate(429, "InferencePoolResourceExhausted", d)
+                }
             },
             Self::UnsupportedBodyMode(_) => immediate(500, "Internal", self),
             Self::OutOfOrder(_) => ErrorAnswer::Abort(tonic::Status::failed_precondition(self.to_string())),

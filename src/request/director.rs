@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{RequestError, RequestHeaders, keys, parse_body, rewrite_model};
+use crate::admission::Admission;
 use crate::datalayer::{Endpoint, EndpointState, EndpointStore};
 use crate::scheduling::{Scheduler, SchedulingError, SchedulingRequest};
 
@@ -132,6 +133,9 @@ pub enum DirectorError {
     /// The scheduler chose nothing.
     #[error("failed to find target pod: {0}")]
     Scheduling(#[from] SchedulingError),
+    /// A sheddable request (priority < 0) met a saturated pool.
+    #[error("system saturated, sheddable request dropped")]
+    Shed,
 }
 
 /// Joins endpoints into the destination list.
@@ -152,6 +156,7 @@ pub struct Director {
     store: Arc<EndpointStore>,
     scheduler: Arc<Scheduler>,
     config: DirectorConfig,
+    admission: Option<Admission>,
 }
 
 impl Director {
@@ -161,7 +166,14 @@ impl Director {
             store,
             scheduler,
             config,
+            admission: None,
         }
+    }
+
+    /// Sheds sheddable requests when the pool is saturated.
+    pub fn with_admission(mut self, admission: Admission) -> Self {
+        self.admission = Some(admission);
+        self
     }
 
     /// The settings.
@@ -241,6 +253,11 @@ impl Director {
         let candidates = self.candidates(snapshot.endpoints(), subset);
         if candidates.is_empty() {
             return Err(DirectorError::NoCandidates);
+        }
+        if let Some(admission) = &self.admission {
+            admission
+                .admit(info.headers.control(keys::OBJECTIVE), &candidates)
+                .map_err(|_| DirectorError::Shed)?;
         }
 
         let req = SchedulingRequest::new(
