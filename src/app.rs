@@ -416,6 +416,7 @@ async fn follow_pool(
     cancel: CancellationToken,
 ) {
     let mut changes = store.subscribe();
+    let mut leader_live = true;
     loop {
         let snapshot = store.load();
         changes.mark_unchanged();
@@ -430,6 +431,15 @@ async fn follow_pool(
                 ..*h
             };
             let changed = next != *h;
+            if changed {
+                tracing::info!(
+                    synced = next.synced,
+                    scraped = next.scraped,
+                    leader = next.leader,
+                    ready = next.ready(),
+                    "health changed"
+                );
+            }
             *h = next;
             changed
         });
@@ -437,7 +447,8 @@ async fn follow_pool(
             () = cancel.cancelled() => return,
             r = changes.changed() => if r.is_err() { return },
             r = scraped.changed() => if r.is_err() { return },
-            r = leader.changed() => if r.is_err() { return },
+            // Without leader election nobody holds the sender: stop watching it.
+            r = leader.changed(), if leader_live => if r.is_err() { leader_live = false },
         }
     }
 }

@@ -617,3 +617,32 @@ async fn out_of_order_and_unsupported_modes_are_errors() {
     assert_eq!(status, 500);
     assert!(body.contains("STREAMED"), "{body}");
 }
+
+#[tokio::test]
+async fn sheddable_requests_get_429_only_when_the_pool_is_saturated() {
+    use endpoint_picker::admission::{Admission, ObjectiveTable, SaturationConfig};
+    let objectives = std::sync::Arc::new(ObjectiveTable::default());
+    objectives.replace([("batch".to_owned(), -1), ("chat".to_owned(), 5)].into());
+    let admission = Admission::new(objectives, SaturationConfig::default());
+    let epp = start_with(SEED_CONFIG, DirectorConfig::default(), Some(admission)).await;
+    // Every endpoint over the queue threshold (5): saturated.
+    epp.set_pool(&[("10.0.0.1:8000", 9, 0.5), ("10.0.0.2:8000", 7, 0.9)]);
+    let body = chat_body("m", "hi");
+    let (r, _) = chat(&epp, &body, &[("x-gateway-inference-objective", "batch")]).await;
+    assert_eq!(
+        immediate(&r),
+        (
+            429,
+            "inference gateway: InferencePoolResourceExhausted - system saturated, sheddable request dropped"
+                .into()
+        )
+    );
+    let (r, _) = chat(&epp, &body, &[("x-gateway-inference-objective", "chat")]).await;
+    assert_eq!(destination(&r), "10.0.0.2:8000");
+    let (r, _) = chat(&epp, &body, &[]).await;
+    destination(&r);
+    // One endpoint with room: the sheddable request goes through.
+    epp.set_pool(&[("10.0.0.1:8000", 2, 0.5), ("10.0.0.2:8000", 7, 0.9)]);
+    let (r, _) = chat(&epp, &body, &[("x-gateway-inference-objective", "batch")]).await;
+    assert_eq!(destination(&r), "10.0.0.1:8000");
+}

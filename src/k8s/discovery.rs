@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -232,6 +233,39 @@ async fn drive<K>(
     }
 }
 
+/// Backoff for watch errors: 50 ms doubling to 30 s, reset by the next good event. The first
+/// retry is quick because the usual "error" is a 410 Gone after which the watcher only needs
+/// to relist; a real outage still backs off to one attempt per 30 s.
+#[derive(Debug, Clone)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: BACKOFF_MIN }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let current = self.next;
+        self.next = (current * 2).min(BACKOFF_MAX);
+        Some(current)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
 fn slim_pod(pod: &mut Pod) {
     // Only metadata (labels, annotations, deletion) and status (IP, conditions) are used.
     pod.managed_fields_mut().clear();
@@ -251,7 +285,7 @@ impl EndpointSource for KubeSource {
             let (pods, pods_writer) = reflector::store::<Pod>();
             let pods_watch = watcher(Api::<Pod>::namespaced(self.client.clone(), &ns), pod_config)
                 .modify(slim_pod)
-                .default_backoff()
+                .backoff(WatchBackoff::default())
                 .reflect(pods_writer);
 
             let (pools_v1, v1_writer) = reflector::store::<v1::InferencePool>();
@@ -275,7 +309,7 @@ impl EndpointSource for KubeSource {
                             Api::<v1::InferencePool>::namespaced(self.client.clone(), &ns),
                             by_name.clone(),
                         )
-                        .default_backoff()
+                        .backoff(WatchBackoff::default())
                         .reflect(v1_writer);
                         drive(s, "InferencePool", &notify).await;
                     }
@@ -284,7 +318,7 @@ impl EndpointSource for KubeSource {
                             Api::<v1alpha2::InferencePool>::namespaced(self.client.clone(), &ns),
                             by_name.clone(),
                         )
-                        .default_backoff()
+                        .backoff(WatchBackoff::default())
                         .reflect(legacy_writer);
                         drive(s, "InferencePool (v1alpha2)", &notify).await;
                     }
@@ -299,7 +333,7 @@ impl EndpointSource for KubeSource {
                     watcher::Config::default(),
                 )
                 .modify(|o| o.managed_fields_mut().clear())
-                .default_backoff()
+                .backoff(WatchBackoff::default())
                 .reflect(obj_writer);
                 drive(s, "InferenceObjective", &notify).await;
             };

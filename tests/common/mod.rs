@@ -62,12 +62,25 @@ pub const SEED_CONFIG: &str = include_str!("../../config/default-plugins.yaml");
 /// Starts an EPP with `config` (YAML) and `director` settings; the store starts empty but
 /// synced.
 pub async fn start(config: &str, director: DirectorConfig) -> Epp {
+    start_with(config, director, None).await
+}
+
+/// [`start`] with an admission policy.
+pub async fn start_with(
+    config: &str,
+    director: DirectorConfig,
+    admission: Option<endpoint_picker::admission::Admission>,
+) -> Epp {
     let cfg = EndpointPickerConfig::from_text(config, "test").unwrap();
     let scheduler = Arc::new(cfg.build_scheduler(Some(42)).unwrap());
     let store = Arc::new(EndpointStore::new());
     store.set_endpoints(Vec::<Endpoint>::new());
     let records = Arc::new(Collect::default());
-    let director = Arc::new(Director::new(store.clone(), scheduler, director));
+    let mut director = Director::new(store.clone(), scheduler, director);
+    if let Some(a) = admission {
+        director = director.with_admission(a);
+    }
+    let director = Arc::new(director);
     let service = ExtProcService::new(director, records.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -54,7 +54,12 @@ pub struct Sim {
 
 impl Sim {
     pub async fn start(tweak: impl FnOnce(&mut SimConfig)) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap(), tweak).await
+    }
+
+    /// A sim listening on `addr` (any 127.0.0.0/8 address works on Linux loopback).
+    pub async fn start_on(addr: SocketAddr, tweak: impl FnOnce(&mut SimConfig)) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let id = format!("sim-{}", addr.port());
         let mut config = SimConfig {
