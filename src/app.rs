@@ -265,16 +265,12 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
 
-    // Discovery.
-    {
-        let (store, cancel) = (store.clone(), cancel.clone());
-        tracker.spawn(async move {
-            if let Err(error) = source.run(store, cancel.clone()).await {
-                tracing::error!(%error, "endpoint discovery failed; shutting down");
-                cancel.cancel();
-            }
-        });
-    }
+    spawn_essential(
+        &tracker,
+        &cancel,
+        "endpoint discovery",
+        source.run(store.clone(), cancel.clone()),
+    );
     // Scrapers.
     let mut scrape = ScrapeConfig::new(engine);
     scrape.scheme.clone_from(&cli.model_server_metrics_scheme);
@@ -342,33 +338,24 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
     if cli.health_checking {
         router = router.add_service(health_service.clone().into_server());
     }
-    {
-        let cancel = cancel.clone();
-        let incoming = crate::protocol::incoming(grpc);
-        tracker.spawn(async move {
-            if let Err(error) = router
-                .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned())
-                .await
-            {
-                tracing::error!(%error, "ext_proc server failed");
-                cancel.cancel();
-            }
-        });
-    }
-    {
-        let cancel = cancel.clone();
-        let incoming = crate::protocol::incoming(health_listener);
-        let server = tonic::transport::Server::builder().add_service(health_service.into_server());
-        tracker.spawn(async move {
-            if let Err(error) = server
-                .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned())
-                .await
-            {
-                tracing::error!(%error, "health server failed");
-                cancel.cancel();
-            }
-        });
-    }
+    spawn_essential(
+        &tracker,
+        &cancel,
+        "ext_proc server",
+        router
+            .serve_with_incoming_shutdown(crate::protocol::incoming(grpc), cancel.clone().cancelled_owned()),
+    );
+    spawn_essential(
+        &tracker,
+        &cancel,
+        "health server",
+        tonic::transport::Server::builder()
+            .add_service(health_service.into_server())
+            .serve_with_incoming_shutdown(
+                crate::protocol::incoming(health_listener),
+                cancel.clone().cancelled_owned(),
+            ),
+    );
     {
         let cancel = cancel.clone();
         let auth: Option<Arc<dyn MetricsAuth>> = match (&client, cli.metrics_endpoint_auth) {
@@ -384,13 +371,12 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
             health: health_rx.clone(),
             auth,
         });
-        tracker.spawn(async move {
-            if let Err(error) = admin::serve(metrics_listener, router, cancel.clone().cancelled_owned()).await
-            {
-                tracing::error!(%error, "metrics server failed");
-                cancel.cancel();
-            }
-        });
+        spawn_essential(
+            &tracker,
+            &cancel,
+            "metrics server",
+            admin::serve(metrics_listener, router, cancel.clone().cancelled_owned()),
+        );
     }
     tracing::info!(%grpc_addr, %health_addr, %metrics_addr, tls = cli.secure_serving, config = %config.origin, "endpoint picker started");
     Ok(Running {
@@ -404,6 +390,23 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
         cancel,
         tracker,
     })
+}
+
+/// Runs `task` on `tracker`; if it fails, the whole EPP shuts down (a half-running picker,
+/// e.g. serving ext_proc without discovery, would be worse than a restart).
+fn spawn_essential<E: std::fmt::Display>(
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+    what: &'static str,
+    task: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+) {
+    let cancel = cancel.clone();
+    tracker.spawn(async move {
+        if let Err(error) = task.await {
+            tracing::error!(%error, what, "failed; shutting down");
+            cancel.cancel();
+        }
+    });
 }
 
 /// Keeps health and stateful plugins in step with the pool.

@@ -223,6 +223,8 @@ pub enum Shape {
     AiGateway,
     OverrideHost,
     FailOpen,
+    /// No EPP: a round-robin cluster of the pool (the routing baseline).
+    RoundRobin,
 }
 
 impl Shape {
@@ -233,6 +235,7 @@ impl Shape {
             Shape::AiGateway => "ai-gateway.yaml",
             Shape::OverrideHost => "override-host.yaml",
             Shape::FailOpen => "fail-open.yaml",
+            Shape::RoundRobin => "round-robin.yaml",
         }
     }
 }
