@@ -427,6 +427,43 @@ async fn models_health_and_version() {
     assert_eq!(v, fixture_json("version.json"));
 }
 
+/// What SGLang's router (`sglang-router` 0.3.2) asks of a worker: `/health` at start-up and
+/// every minute; its metadata probes must get 404, as from vLLM, so that it registers the
+/// worker without a model and never tries to download a tokenizer; and it forwards requests
+/// re-serialized with its own fields added (`max_tokens` renamed for chat), as captured here.
+#[tokio::test]
+async fn serves_what_sglang_router_sends() {
+    let sim = Sim::start(fast()).await;
+    assert_eq!(sim.get("/health").await.status(), StatusCode::OK);
+    for probe in [
+        "/server_info",
+        "/get_server_info",
+        "/model_info",
+        "/get_model_info",
+    ] {
+        let r = sim.get(probe).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{probe}");
+        assert_eq!(sim_id(&r), "sim-a");
+    }
+    let chat = r#"{"messages":[{"role":"system","content":"You are helpful."},
+        {"role":"user","content":[{"type":"text","text":"hi"}]}],"model":"tiny","logprobs":false,
+        "max_completion_tokens":3,"stream":false,"no_stop_trim":false,"ignore_eos":false,
+        "continue_final_message":false,"skip_special_tokens":true,"separate_reasoning":true,
+        "stream_reasoning":true,"return_hidden_states":false}"#;
+    let c = json(sim.post("/v1/chat/completions", chat).await).await;
+    assert_eq!(c["usage"]["completion_tokens"], 3, "{c}");
+    let completion = r#"{"model":"tiny","prompt":"hello world","max_tokens":2,"stream":true,
+        "stream_options":{"include_usage":true},"echo":false,"no_stop_trim":false,
+        "ignore_eos":false,"skip_special_tokens":true,"return_hidden_states":false,
+        "cache_salt":"s1"}"#;
+    let r = sim.post("/v1/completions", completion).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let events = events(&r.text().await.unwrap());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert!(events[events.len() - 2].contains(r#""completion_tokens":2"#));
+    assert_eq!(sim.stats().await["requests_received"], 2);
+}
+
 #[tokio::test]
 async fn errors_are_openai_shaped_and_tagged() {
     let sim = Sim::start(SimConfig {
