@@ -32,6 +32,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+#[path = "epp/floor.rs"]
+mod floor;
+
 const PAGE: &str = include_str!("../tests/fixtures/vllm-0.32-cpu/metrics_idle.txt");
 const POOL: usize = 8;
 const CELL_TIME: Duration = Duration::from_secs(8);
@@ -302,10 +305,43 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    if let Ok(spec) = std::env::var(floor::ENV) {
+        floor::serve(&spec);
+    }
+    tokio::runtime::Runtime::new().unwrap().block_on(bench());
+}
+
+/// Starts the floor processor (this binary in floor mode) and waits until it accepts.
+async fn startfloor_proc(destination: SocketAddr) -> (Proc, u16) {
+    let port = free_port();
+    let child = Command::new(std::env::current_exe().unwrap())
+        .env(floor::ENV, format!("{port},{destination}"))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let proc = Proc(child);
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return (proc, port);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("floor processor not ready");
+}
+
+async fn bench() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--straight-only --scale 20`: a long (a) run, e.g. to profile the EPP under load.
+    let straight_only = args.iter().any(|a| a == "--straight-only");
+    let scale: usize = args
+        .iter()
+        .position(|a| a == "--scale")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let mut pool = Vec::new();
     for _ in 0..POOL {
         pool.push(backend().await);
@@ -317,23 +353,26 @@ async fn main() {
         if quick {
             (base / 10).max(c)
         } else {
-            base.max(c * 4)
+            base.max(c * 4) * scale
         }
     };
 
     // (a) ext_proc straight.
-    let (_epp, grpc) = start_epp(&pool, false).await;
+    let (epp, grpc) = start_epp(&pool, false).await;
     let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc}"))
         .unwrap()
         .connect()
         .await
         .unwrap();
     println!("(a) ext_proc round trips against epp ({POOL} endpoints, seed profile, plaintext h2c)");
-    println!("| body | concurrency | requests | picks/s | p50 | p99 |\n|---|---|---|---|---|---|");
+    println!(
+        "| body | concurrency | requests | picks/s | p50 | p99 | EPP CPU per pick | picks/s per EPP core |\n|---|---|---|---|---|---|---|---|"
+    );
     for (size, label) in sizes {
         let bodies = Arc::new(bodies(size, 64));
         for c in concurrencies {
             let (channel, bodies) = (channel.clone(), bodies.clone());
+            let cpu_before = cpu_seconds(epp.0.id());
             let cell = run(c, total(size, c), move |i| {
                 let mut client = ExternalProcessorClient::new(channel.clone())
                     .max_decoding_message_size(64 << 20)
@@ -342,14 +381,20 @@ async fn main() {
                 async move { ext_proc_round_trip(&mut client, &body).await }
             })
             .await;
+            let cpu_per_pick = (cpu_seconds(epp.0.id()) - cpu_before) / cell.requests.max(1) as f64;
             println!(
-                "| {label} | {c} | {} | {:.0} | {} | {} |",
+                "| {label} | {c} | {} | {:.0} | {} | {} | {:.0} µs | {:.0} |",
                 cell.requests,
                 cell.requests as f64 / cell.elapsed.as_secs_f64(),
                 ms(cell.p50),
-                ms(cell.p99)
+                ms(cell.p99),
+                cpu_per_pick * 1e6,
+                1.0 / cpu_per_pick.max(1e-9)
             );
         }
+    }
+    if straight_only {
+        return;
     }
 
     // (b) through Envoy, with and without the EPP.
@@ -358,21 +403,56 @@ async fn main() {
         "/examples/envoy/ai-gateway.yaml"
     ))
     .unwrap();
-    let (_epp_tls, grpc_tls) = start_epp(&pool, true).await;
+    let (epp_tls, grpc_tls) = start_epp(&pool, true).await;
     let with_epp = template
         .replace("{{LISTEN_PORT}}", "LISTEN")
         .replace("{{ADMIN_PORT}}", "ADMIN")
         .replace("{{EPP_PORT}}", &grpc_tls.to_string());
+    let (floor_proc, floor_grpc) = startfloor_proc(pool[0]).await;
+    let with_floor = template
+        .replace("{{LISTEN_PORT}}", "LISTEN")
+        .replace("{{ADMIN_PORT}}", "ADMIN")
+        .replace("{{EPP_PORT}}", &floor_grpc.to_string());
+    // The lean shape: body BUFFERED to the EPP (sent once, not echoed), responses not processed.
+    let lb_endpoints: String = pool
+        .iter()
+        .map(|a| {
+            format!(
+                "        - endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}\n",
+                a.ip(),
+                a.port()
+            )
+        })
+        .collect();
+    let buffered = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/envoy/fail-open.yaml"
+    ))
+    .unwrap()
+    .replace("{{LISTEN_PORT}}", "LISTEN")
+    .replace("{{ADMIN_PORT}}", "ADMIN")
+    .replace("{{EPP_PORT}}", &grpc_tls.to_string())
+    .replace("{{POOL_LB_ENDPOINTS}}\n", &lb_endpoints);
     let direct = DIRECT.replace("BACKEND", &pool[0].port().to_string());
-    let (_e1, direct_port) = start_envoy(direct).await;
-    let (_e2, epp_port) = start_envoy(with_epp).await;
+    let (e1, direct_port) = start_envoy(direct).await;
+    let (e2, epp_port) = start_envoy(with_epp).await;
+    let (e3, floor_port) = start_envoy(with_floor).await;
+    let (e4, buffered_port) = start_envoy(buffered).await;
+    // Processes whose CPU time is charged to each front: (Envoy, processor).
+    let fronts = [
+        (direct_port, e1.0.id(), None),
+        (floor_port, e3.0.id(), Some(floor_proc.0.id())),
+        (epp_port, e2.0.id(), Some(epp_tls.0.id())),
+        (buffered_port, e4.0.id(), Some(epp_tls.0.id())),
+    ];
+    let mut cpu_rows = Vec::new();
     println!(
-        "\n(b) HTTP through Envoy to an instant backend: plain cluster vs through the EPP (AI Gateway shape, TLS)"
+        "\n(b) HTTP through Envoy to an instant backend: plain cluster, through the floor processor, through the EPP (AI Gateway shape, TLS), through the EPP with a BUFFERED request body (fail-open shape); added = minus plain"
     );
     println!(
-        "| body | concurrency | plain p50 | plain p99 | with EPP p50 | with EPP p99 | added p50 | added p99 |"
+        "| body | concurrency | plain p50 | plain p99 | floor added p50 | floor added p99 | EPP added p50 | EPP added p99 | EPP/floor p50 | buffered added p50 | buffered added p99 |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let client = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(200)
@@ -382,13 +462,19 @@ async fn main() {
         let bodies = Arc::new(bodies(size, 64));
         for c in concurrencies {
             let mut cells = Vec::new();
-            for port in [direct_port, epp_port] {
+            let mut cpu = Vec::new();
+            for (port, envoy_pid, processor_pid) in fronts {
                 let (client, bodies) = (client.clone(), bodies.clone());
                 let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
                 // Warm connections first.
                 for _ in 0..c.min(20) {
                     let _ = client.post(&url).body(bodies[0].to_vec()).send().await;
                 }
+                let before = (
+                    cpu_seconds(envoy_pid),
+                    processor_pid.map(cpu_seconds),
+                    cpu_seconds(std::process::id()),
+                );
                 cells.push(
                     run(c, total(size, c) / 2, move |i| {
                         let (client, url) = (client.clone(), url.clone());
@@ -410,17 +496,64 @@ async fn main() {
                     })
                     .await,
                 );
+                let n = cells.last().map_or(1, |c: &Cell| c.requests.max(1)) as f64;
+                let per = |a: f64, b: f64| (a - b) / n * 1e6;
+                cpu.push((
+                    per(cpu_seconds(envoy_pid), before.0),
+                    processor_pid.map(|p| per(cpu_seconds(p), before.1.unwrap_or(0.0))),
+                    per(cpu_seconds(std::process::id()), before.2),
+                ));
             }
-            let (plain, epp) = (&cells[0], &cells[1]);
+            let us = |v: f64| format!("{v:.0}");
+            cpu_rows.push(format!(
+                "| {label} | {c} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                us(cpu[0].0),
+                us(cpu[1].0),
+                us(cpu[1].1.unwrap_or(0.0)),
+                us(cpu[2].0),
+                us(cpu[2].1.unwrap_or(0.0)),
+                us(cpu[3].0),
+                us(cpu[3].1.unwrap_or(0.0)),
+                us(cpu.iter().map(|c| c.2).sum::<f64>() / cpu.len() as f64),
+            ));
+            let plain = &cells[0];
+            let added = |c: &Cell| (c.p50.saturating_sub(plain.p50), c.p99.saturating_sub(plain.p99));
+            let (f50, f99) = added(&cells[1]);
+            let (e50, e99) = added(&cells[2]);
+            let (b50, b99) = added(&cells[3]);
             println!(
-                "| {label} | {c} | {} | {} | {} | {} | {} | {} |",
+                "| {label} | {c} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {} |",
                 ms(plain.p50),
                 ms(plain.p99),
-                ms(epp.p50),
-                ms(epp.p99),
-                ms(epp.p50.saturating_sub(plain.p50)),
-                ms(epp.p99.saturating_sub(plain.p99))
+                ms(f50),
+                ms(f99),
+                ms(e50),
+                ms(e99),
+                e50.as_secs_f64() / f50.as_secs_f64().max(1e-6),
+                ms(b50),
+                ms(b99)
             );
         }
     }
+    println!(
+        "\n(c) CPU time per request (µs, from /proc): Envoy and the processor behind it; the load generator for scale"
+    );
+    println!(
+        "| body | concurrency | Envoy plain | Envoy + floor | floor | Envoy + EPP | EPP | Envoy + EPP buffered | EPP buffered | load generator |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for row in cpu_rows {
+        println!("{row}");
+    }
+}
+
+/// User + system CPU seconds a process has used so far (all threads).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
 }

@@ -13,7 +13,7 @@
 //! (`prefix_cache_hits / prefix_cache_queries`) and the spread of requests over the sims.
 //! Results go to stdout (a Markdown table) and `<out>/results.json`.
 //!
-//! `cargo bench --bench routing_quality -- [--rates 5,10,20,30] [--duration 25]
+//! `cargo bench --bench routing_quality -- [--rates 5,10,20,30,40] [--duration 25]
 //!  [--strategies round-robin,epp-random,epp-default,epp-v14,sglang] [--workload shared_prefix|multi_turn|control]
 //!  [--out target/routing-quality] [--sims 4]`
 //!
@@ -303,7 +303,7 @@ fn options() -> Options {
     };
     Options {
         rates: get("--rates")
-            .unwrap_or_else(|| "5,10,20,30".into())
+            .unwrap_or_else(|| "5,10,20,30,40".into())
             .split(',')
             .map(|r| r.trim().parse().unwrap())
             .collect(),

@@ -32,6 +32,9 @@ use crate::protocol::tls::{self, TlsError};
 use crate::request::{Director, DirectorConfig};
 use crate::scheduling::Scheduler;
 
+/// How often `--enable-cert-reload` looks at the certificate files.
+const CERT_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Why the EPP could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -205,16 +208,19 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
         objectives,
     } = discovery(cli).await?;
     let engine = cli.engine_metrics()?;
+    // TLS: the certificate from --cert-path (watched with --enable-cert-reload) or generated.
     let tls = if !cli.secure_serving {
         None
-    } else if let Some(dir) = &cli.cert_path {
-        Some((tls::load_identity(dir)?, None))
     } else {
-        let (identity, pem) = tls::self_signed_identity()?;
-        Some((identity, Some(pem)))
+        let (pair, dir, generated) = match &cli.cert_path {
+            Some(dir) => (tls::load_pair(dir)?, dir.clone(), false),
+            None => (tls::self_signed()?, std::path::PathBuf::from("generated"), true),
+        };
+        let store = Arc::new(tls::CertStore::new(tls::certified_key(&pair, &dir)?));
+        Some((store, pair, dir, generated))
     };
-    if cli.enable_cert_reload {
-        tracing::warn!("--enable-cert-reload: certificates are read once at start in this version");
+    if cli.enable_cert_reload && (tls.is_none() || cli.cert_path.is_none()) {
+        tracing::warn!("--enable-cert-reload has no effect without --cert-path and TLS");
     }
 
     let grpc = bind("ext_proc", SocketAddr::new(cli.bind_address, cli.grpc_port)).await?;
@@ -326,25 +332,34 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
     // Servers.
     let ext_proc = ExtProcService::new(director, metrics.clone());
     let health_service = HealthService::new(health_rx.clone());
-    let mut builder = tonic::transport::Server::builder();
-    let mut self_signed_cert = None;
-    if let Some((identity, pem)) = tls {
-        builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .map_err(|e| AppError::Unsupported(format!("TLS configuration rejected: {e}")))?;
-        self_signed_cert = pem;
-    }
-    let mut router = builder.add_service(ext_proc.into_server());
+    let mut router = tonic::transport::Server::builder().add_service(ext_proc.into_server());
     if cli.health_checking {
         router = router.add_service(health_service.clone().into_server());
     }
-    spawn_essential(
-        &tracker,
-        &cancel,
-        "ext_proc server",
-        router
-            .serve_with_incoming_shutdown(crate::protocol::incoming(grpc), cancel.clone().cancelled_owned()),
-    );
+    let mut self_signed_cert = None;
+    let shutdown = cancel.clone().cancelled_owned();
+    match tls {
+        Some((store, pair, dir, generated)) => {
+            let acceptor = tls::acceptor(store.clone())?;
+            if generated {
+                self_signed_cert = String::from_utf8(pair.cert).ok();
+            } else if cli.enable_cert_reload {
+                tracker.spawn(tls::watch(dir, store, pair, CERT_RELOAD_INTERVAL, cancel.clone()));
+            }
+            spawn_essential(
+                &tracker,
+                &cancel,
+                "ext_proc server",
+                router.serve_with_incoming_shutdown(tls::incoming(grpc, acceptor), shutdown),
+            );
+        }
+        None => spawn_essential(
+            &tracker,
+            &cancel,
+            "ext_proc server",
+            router.serve_with_incoming_shutdown(crate::protocol::incoming(grpc), shutdown),
+        ),
+    }
     spawn_essential(
         &tracker,
         &cancel,

@@ -303,6 +303,94 @@ async fn tls_is_on_by_default_and_off_on_request() {
     epp.shutdown();
 }
 
+/// A TLS channel to `addr` that trusts only `pem` (as the name `localhost`).
+async fn tls_channel(
+    addr: SocketAddr,
+    pem: &[u8],
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+        .domain_name("localhost");
+    tonic::transport::Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+}
+
+#[tokio::test]
+async fn cert_reload_serves_rotated_certificate_files_without_a_restart() {
+    use endpoint_picker::protocol::tls::self_signed;
+    let a = ModelServer::start(0, 0.0).await;
+    let dir = std::env::temp_dir().join(format!("epp-cert-reload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (first, second) = (self_signed().unwrap(), self_signed().unwrap());
+    std::fs::write(dir.join("tls.crt"), &first.cert).unwrap();
+    std::fs::write(dir.join("tls.key"), &first.key).unwrap();
+    let path = format!("--cert-path={}", dir.display());
+    let epp = start(&[a.addr], &[&path, "--enable-cert-reload"]).await;
+    wait_serving(epp.health_addr).await;
+    assert!(
+        epp.self_signed_cert.is_none(),
+        "the files' certificate, not a generated one"
+    );
+    let channel = tls_channel(epp.grpc_addr, &first.cert).await.unwrap();
+    let (r, _) = chat_on(open_on(channel).await, &chat_body("tiny", "first"), &[]).await;
+    assert_eq!(destination(&r), a.addr.to_string());
+    assert!(tls_channel(epp.grpc_addr, &second.cert).await.is_err());
+
+    // Rotate in place, key first: a Secret volume update or cert-manager renewal.
+    std::fs::write(dir.join("tls.key"), &second.key).unwrap();
+    std::fs::write(dir.join("tls.crt"), &second.cert).unwrap();
+    let mut rotated = None;
+    for _ in 0..100 {
+        if let Ok(channel) = tls_channel(epp.grpc_addr, &second.cert).await {
+            rotated = Some(channel);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let channel = rotated.expect("the new certificate within 10 s");
+    let (r, _) = chat_on(open_on(channel).await, &chat_body("tiny", "second"), &[]).await;
+    assert_eq!(destination(&r), a.addr.to_string());
+    assert!(tls_channel(epp.grpc_addr, &first.cert).await.is_err());
+    epp.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_bad_cert_path_stops_start_up_naming_the_file() {
+    let a = ModelServer::start(0, 0.0).await;
+    let dir = std::env::temp_dir().join(format!("epp-cert-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (x, y) = (
+        endpoint_picker::protocol::tls::self_signed().unwrap(),
+        endpoint_picker::protocol::tls::self_signed().unwrap(),
+    );
+    std::fs::write(dir.join("tls.crt"), &x.cert).unwrap();
+    std::fs::write(dir.join("tls.key"), &y.key).unwrap();
+    let args: Vec<String> = vec![
+        "epp".into(),
+        "--static-endpoints".into(),
+        a.addr.to_string(),
+        "--bind-address=127.0.0.1".into(),
+        "--grpc-port=0".into(),
+        "--grpc-health-port=0".into(),
+        "--metrics-port=0".into(),
+        format!("--cert-path={}", dir.display()),
+    ];
+    let cli = parse_args(args.into_iter().map(OsString::from)).unwrap();
+    let Err(err) = app::start(&cli).await else {
+        panic!("a mismatched key must be refused")
+    };
+    let err = err.to_string();
+    assert!(err.contains("tls.key") && err.contains("does not match"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn health_checking_adds_health_on_the_ext_proc_port() {
     let a = ModelServer::start(0, 0.0).await;

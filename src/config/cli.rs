@@ -192,7 +192,7 @@ pub struct Cli {
     /// Directory with `tls.crt` and `tls.key`.
     #[arg(long)]
     pub cert_path: Option<PathBuf>,
-    /// Accepted for compatibility; certificates are read at start.
+    /// Watch `--cert-path` and serve a changed certificate without a restart.
     #[arg(long, default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
     pub enable_cert_reload: bool,
     /// Also serve gRPC health on the ext_proc port.
