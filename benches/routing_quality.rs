@@ -15,7 +15,7 @@
 //!
 //! `cargo bench --bench routing_quality -- [--rates 5,10,20,30,40] [--duration 25]
 //!  [--strategies round-robin,epp-random,epp-default,epp-v14,sglang] [--workload shared_prefix|multi_turn|control]
-//!  [--out target/routing-quality] [--sims 4]`
+//!  [--out target/routing-quality] [--sims 4] [--epp-arg=<flag> ...]`
 //!
 //! Envoy comes from `$ENVOY_BIN` or `.venv`; SGLang's router from `$SGLANG_ROUTER_PYTHON` or
 //! `.venv` (`scripts/routing-quality` installs both and plots the results).
@@ -105,7 +105,7 @@ impl Front {
     }
 }
 
-async fn front(strategy: Strategy, pool: &[std::net::SocketAddr]) -> Front {
+async fn front(strategy: Strategy, pool: &[std::net::SocketAddr], extra_epp_args: &[String]) -> Front {
     let seed = concat!(env!("CARGO_MANIFEST_DIR"), "/config/default-plugins.yaml");
     let epp_args: Vec<String> = match strategy {
         Strategy::RoundRobin => return Front::Envoy(Envoy::start(Shape::RoundRobin, 0, pool).await),
@@ -121,6 +121,7 @@ async fn front(strategy: Strategy, pool: &[std::net::SocketAddr]) -> Front {
     };
     let mut args: Vec<&str> = epp_args.iter().map(String::as_str).collect();
     args.push("--destination-limit=1");
+    args.extend(extra_epp_args.iter().map(String::as_str));
     let epp = Epp::start(pool, &args).await;
     let envoy = Envoy::start(Shape::AiGateway, epp.grpc_port, pool).await;
     Front::Epp(envoy, epp)
@@ -285,6 +286,8 @@ async fn run_rate(
 }
 
 struct Options {
+    /// Extra `epp` flags (`--epp-arg=--refresh-metrics-interval=10ms`, repeatable).
+    epp_args: Vec<String>,
     rates: Vec<f64>,
     duration: f64,
     strategies: Vec<Strategy>,
@@ -302,6 +305,11 @@ fn options() -> Options {
             .cloned()
     };
     Options {
+        epp_args: args
+            .iter()
+            .filter_map(|a| a.strip_prefix("--epp-arg="))
+            .map(str::to_owned)
+            .collect(),
         rates: get("--rates")
             .unwrap_or_else(|| "5,10,20,30,40".into())
             .split(',')
@@ -356,7 +364,7 @@ async fn main() {
             sims.push(Sim::start(sim_config).await);
         }
         let pool: Vec<_> = sims.iter().map(|s| s.addr).collect();
-        let front = front(*strategy, &pool).await;
+        let front = front(*strategy, &pool, &opts.epp_args).await;
         for (i, rate) in opts.rates.iter().enumerate() {
             let mut r = run_rate(&front, &sims, &opts.workload, *rate, opts.duration, 42 + i as u64).await;
             r.strategy = strategy.name().to_owned();

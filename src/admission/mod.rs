@@ -185,15 +185,15 @@ mod tests {
     use crate::datalayer::{Endpoint, Metrics};
 
     fn state(q: u32, kv: f64, fresh: bool) -> EndpointState {
-        EndpointState {
-            endpoint: Arc::new(Endpoint::from_address("10.0.0.1:8000".parse().unwrap())),
-            metrics: Arc::new(Metrics {
+        EndpointState::new(
+            Arc::new(Endpoint::from_address("10.0.0.1:8000".parse().unwrap())),
+            Arc::new(Metrics {
                 waiting_queue: q,
                 kv_cache_usage: kv,
                 updated_at: fresh.then(Instant::now),
                 ..Metrics::default()
             }),
-        }
+        )
     }
 
     fn admission(table: &[(&str, i32)]) -> Admission {

@@ -106,12 +106,24 @@ pub struct Metrics {
     pub cache_num_blocks: Option<u64>,
     /// When these figures were scraped; `None` until the first successful scrape.
     pub updated_at: Option<Instant>,
+    /// The endpoint's sent-token total (see [`super::Dispatched`]) when these figures were
+    /// published; set by the store.
+    pub sent_tokens_at_scrape: u64,
+    /// The endpoint's finished-token total when these figures were published.
+    pub done_tokens_at_scrape: u64,
 }
 
 impl Metrics {
     /// Age of the figures at `now`; `None` if never scraped.
     pub fn age(&self, now: Instant) -> Option<Duration> {
         self.updated_at.map(|t| now.saturating_duration_since(t))
+    }
+
+    /// KV-cache capacity in tokens (`block_size × num_gpu_blocks`), when reported.
+    pub fn cache_capacity_tokens(&self) -> Option<u64> {
+        let blocks = self.cache_num_blocks?;
+        let size = u64::from(self.cache_block_size?);
+        (blocks > 0 && size > 0).then(|| blocks * size)
     }
 
     /// Whether the figures were scraped no longer than `threshold` before `now`.

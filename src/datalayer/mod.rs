@@ -14,4 +14,11 @@ pub mod source;
 mod store;
 
 pub use endpoint::{Endpoint, LoraInfo, Metrics, format_hostport};
-pub use store::{EndpointState, EndpointStore, Snapshot};
+pub use store::{Dispatched, EndpointState, EndpointStore, InFlight, Snapshot};
+
+/// Prompt tokens in about `bytes` bytes of prompt text: the usual four bytes per token of
+/// English text under BPE tokenisers. Used only to weigh requests against each other and
+/// against a server's KV capacity, where being off by a fraction matters little.
+pub fn estimate_tokens(bytes: usize) -> u64 {
+    (bytes as u64).div_ceil(4)
+}

@@ -27,6 +27,7 @@ use super::error::{ErrorAnswer, StreamError};
 use super::observer::{RequestObserver, RequestRecord};
 use super::usage::UsageParser;
 use super::wire;
+use crate::datalayer::InFlight;
 use crate::request::{
     Decision, Director, DirectorError, RequestError, RequestHeaders, RequestInfo, Subset, keys,
 };
@@ -69,6 +70,8 @@ pub struct ExtProcStream {
     usage: Option<UsageParser>,
     record: RequestRecord,
     span: tracing::Span,
+    /// Counts the request against its endpoint's load until the response is complete.
+    in_flight: Option<Arc<InFlight>>,
 }
 
 impl ExtProcStream {
@@ -94,6 +97,7 @@ impl ExtProcStream {
                 model = tracing::field::Empty,
                 pick = tracing::field::Empty
             ),
+            in_flight: None,
         }
     }
 
@@ -343,6 +347,7 @@ impl ExtProcStream {
 
     fn routed(&mut self, decision: &Decision) {
         self.phase = Phase::Routed;
+        self.in_flight.clone_from(&decision.in_flight);
         self.record.destinations = Some(decision.destinations.clone());
         self.record.primary = Some(decision.primary.clone());
         self.span.record("model", decision.target_model.as_str());
@@ -392,6 +397,7 @@ impl ExtProcStream {
             return;
         }
         self.record.response_complete = true;
+        self.in_flight = None;
         if let Some(mut p) = self.usage.take() {
             self.record.usage = p.finish();
         }

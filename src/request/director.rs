@@ -113,6 +113,9 @@ pub struct Decision {
     pub target_model: String,
     /// `stream: true` in the body.
     pub stream: bool,
+    /// The request's share of the primary endpoint's load until the request ends; hold it for
+    /// the request's life (body requests only).
+    pub in_flight: Option<Arc<crate::datalayer::InFlight>>,
 }
 
 /// Why no decision was made. The protocol layer maps each to an HTTP answer.
@@ -238,6 +241,7 @@ impl Director {
             model: String::new(),
             target_model: String::new(),
             stream: false,
+            in_flight: None,
         })
     }
 
@@ -276,8 +280,17 @@ impl Director {
             )));
         };
         let destinations = destination_list(targets.iter().take(limit).map(|t| &*t.endpoint));
-        let primary = primary.endpoint.clone();
         self.scheduler.pre_request(&req, &result);
+        // Until the next scrape shows it, the KV scorer counts this request itself: its prompt
+        // less what the primary already held (as the prefix plugin just found).
+        let cached_bytes = req
+            .cache
+            .prefix_hit
+            .get()
+            .map_or(0, |hit| hit.matched_blocks.saturating_mul(hit.block_bytes));
+        let uncached = parsed.prefix_input.len().saturating_sub(cached_bytes);
+        let in_flight = primary.dispatch.start(crate::datalayer::estimate_tokens(uncached));
+        let primary = primary.endpoint.clone();
 
         let body = (target_model != parsed.model)
             .then(|| rewrite_model(body, parsed.model_span.clone(), target_model));
@@ -288,6 +301,7 @@ impl Director {
             model: parsed.model.to_string(),
             target_model: target_model.to_owned(),
             stream: parsed.stream,
+            in_flight: Some(Arc::new(in_flight)),
         })
     }
 }

@@ -38,9 +38,9 @@ mod tests {
     use crate::scheduling::plugins::testing::request;
 
     fn state(active: &[&str], waiting: &[&str], max: u32) -> EndpointState {
-        EndpointState {
-            endpoint: Arc::new(Endpoint::from_address("10.0.0.1:8000".parse().unwrap())),
-            metrics: Arc::new(Metrics {
+        EndpointState::new(
+            Arc::new(Endpoint::from_address("10.0.0.1:8000".parse().unwrap())),
+            Arc::new(Metrics {
                 lora: LoraInfo {
                     active: active.iter().map(|s| Arc::from(*s)).collect(),
                     waiting: waiting.iter().map(|s| Arc::from(*s)).collect(),
@@ -48,7 +48,7 @@ mod tests {
                 },
                 ..Metrics::default()
             }),
-        }
+        )
     }
 
     #[test]

@@ -135,15 +135,17 @@ pub(crate) mod testing {
     pub fn states(load: &[(u32, f64)]) -> Vec<EndpointState> {
         load.iter()
             .enumerate()
-            .map(|(i, (q, kv))| EndpointState {
-                endpoint: Arc::new(Endpoint::from_address(
-                    format!("10.0.0.{}:8000", i + 1).parse().unwrap(),
-                )),
-                metrics: Arc::new(Metrics {
-                    waiting_queue: *q,
-                    kv_cache_usage: *kv,
-                    ..Metrics::default()
-                }),
+            .map(|(i, (q, kv))| {
+                EndpointState::new(
+                    Arc::new(Endpoint::from_address(
+                        format!("10.0.0.{}:8000", i + 1).parse().unwrap(),
+                    )),
+                    Arc::new(Metrics {
+                        waiting_queue: *q,
+                        kv_cache_usage: *kv,
+                        ..Metrics::default()
+                    }),
+                )
             })
             .collect()
     }
@@ -152,9 +154,11 @@ pub(crate) mod testing {
     pub fn states_at(addrs: &[&str]) -> Vec<EndpointState> {
         addrs
             .iter()
-            .map(|a| EndpointState {
-                endpoint: Arc::new(Endpoint::from_address(a.parse().unwrap())),
-                metrics: Arc::new(Metrics::default()),
+            .map(|a| {
+                EndpointState::new(
+                    Arc::new(Endpoint::from_address(a.parse().unwrap())),
+                    Arc::new(Metrics::default()),
+                )
             })
             .collect()
     }
