@@ -646,3 +646,58 @@ async fn sheddable_requests_get_429_only_when_the_pool_is_saturated() {
     let (r, _) = chat(&epp, &body, &[("x-gateway-inference-objective", "batch")]).await;
     assert_eq!(destination(&r), "10.0.0.1:8000");
 }
+
+#[tokio::test]
+async fn a_request_counts_against_its_endpoint_until_its_response_completes() {
+    let epp = seed_epp().await;
+    epp.set_pool(&[("10.0.0.1:8000", 0, 0.1), ("10.0.0.2:8000", 0, 0.1)]);
+    // Both report 0.1 of a 6,400-token KV cache; no scrape comes during the test.
+    for addr in ["10.0.0.1:8000", "10.0.0.2:8000"] {
+        epp.set_metrics(
+            addr,
+            endpoint_picker::datalayer::Metrics {
+                kv_cache_usage: 0.1,
+                cache_block_size: Some(16),
+                cache_num_blocks: Some(400),
+                updated_at: Some(tokio::time::Instant::now()),
+                ..Default::default()
+            },
+        );
+    }
+    let unscraped = |addr: &str| {
+        let snap = epp.store.load();
+        snap.find(addr.parse().unwrap()).unwrap().unscraped_tokens()
+    };
+    // About 1,000 prompt tokens each, all different: no prefix is shared.
+    let body = |i: usize| chat_body("m", &format!("request {i}: {}", "word ".repeat(800)));
+
+    // A burst of requests between two scrapes alternates between the two servers instead of
+    // all going to the first one that looked least loaded.
+    let mut open = Vec::new();
+    let mut picks = Vec::new();
+    for i in 0..4 {
+        let mut c = epp.open().await;
+        c.send(request_headers(&post("/v1/chat/completions"), false)).await;
+        c.send(request_body(body(i).as_bytes(), true)).await;
+        picks.push(destination(&c.recv().await));
+        c.recv().await;
+        open.push(c);
+    }
+    picks.sort();
+    assert_eq!(picks, ["10.0.0.1:8000", "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.2:8000"]);
+    let before = unscraped("10.0.0.1:8000");
+    assert!(before > 1_500, "two requests of ~1,000 tokens in flight: {before}");
+
+    // Responses complete: the load they added is released.
+    for mut c in open {
+        c.send(response_headers(&[(":status", "200")], false)).await;
+        c.recv().await;
+        c.send(response_body(b"{}", true)).await;
+        c.recv().await;
+        c.close();
+        let _ = c.end().await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(unscraped("10.0.0.1:8000"), 0);
+    assert_eq!(unscraped("10.0.0.2:8000"), 0);
+}
