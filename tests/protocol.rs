@@ -677,16 +677,23 @@ async fn a_request_counts_against_its_endpoint_until_its_response_completes() {
     let mut picks = Vec::new();
     for i in 0..4 {
         let mut c = epp.open().await;
-        c.send(request_headers(&post("/v1/chat/completions"), false)).await;
+        c.send(request_headers(&post("/v1/chat/completions"), false))
+            .await;
         c.send(request_body(body(i).as_bytes(), true)).await;
         picks.push(destination(&c.recv().await));
         c.recv().await;
         open.push(c);
     }
     picks.sort();
-    assert_eq!(picks, ["10.0.0.1:8000", "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.2:8000"]);
+    assert_eq!(
+        picks,
+        ["10.0.0.1:8000", "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.2:8000"]
+    );
     let before = unscraped("10.0.0.1:8000");
-    assert!(before > 1_500, "two requests of ~1,000 tokens in flight: {before}");
+    assert!(
+        before > 1_500,
+        "two requests of ~1,000 tokens in flight: {before}"
+    );
 
     // Responses complete: the load they added is released.
     for mut c in open {

@@ -289,7 +289,9 @@ impl Director {
             .get()
             .map_or(0, |hit| hit.matched_blocks.saturating_mul(hit.block_bytes));
         let uncached = parsed.prefix_input.len().saturating_sub(cached_bytes);
-        let in_flight = primary.dispatch.start(crate::datalayer::estimate_tokens(uncached));
+        let in_flight = primary
+            .dispatch
+            .start(crate::datalayer::estimate_tokens(uncached));
         let primary = primary.endpoint.clone();
 
         let body = (target_model != parsed.model)
