@@ -71,7 +71,7 @@ pub struct ExtProcStream {
     record: RequestRecord,
     span: tracing::Span,
     /// Counts the request against its endpoint's load until the response is complete.
-    in_flight: Option<Arc<InFlight>>,
+    in_flight: Option<InFlight>,
 }
 
 impl ExtProcStream {
@@ -201,10 +201,10 @@ impl ExtProcStream {
 
         if h.end_of_stream || self.request_mode == BodySendMode::None {
             // Nothing to read: route at once to a random endpoint.
-            let decision = self.director.route_without_body(&self.subset)?;
+            let mut decision = self.director.route_without_body(&self.subset)?;
             let (common, md) = self.routing(&decision, None);
             out.push(wire::request_headers(common, Some(md)));
-            self.routed(&decision);
+            self.routed(&mut decision);
             return Ok(Step::Continue);
         }
         match self.request_mode {
@@ -250,7 +250,7 @@ impl ExtProcStream {
                 } else {
                     chunks.concat()
                 };
-                let decision = self.decide(&body)?;
+                let mut decision = self.decide(&body)?;
                 let content_length = decision.body.as_ref().map(Vec::len);
                 let (mut common, md) = self.routing(&decision, content_length);
                 if let Some(new_body) = decision.body.clone() {
@@ -260,7 +260,7 @@ impl ExtProcStream {
                 }
                 out.push(wire::request_body(common, Some(md)));
                 self.record.request_bytes = content_length.unwrap_or(body.len());
-                self.routed(&decision);
+                self.routed(&mut decision);
                 Ok(Step::Continue)
             }
             Phase::Routed => {
@@ -302,7 +302,7 @@ impl ExtProcStream {
             [one] => Cow::Borrowed(one.as_slice()),
             many => Cow::Owned(many.concat()),
         };
-        let decision = self.decide(&joined)?;
+        let mut decision = self.decide(&joined)?;
         drop(joined);
         let body_chunks = match decision.body.clone() {
             Some(new_body) => vec![new_body],
@@ -313,7 +313,7 @@ impl ExtProcStream {
         out.push(wire::request_headers(common, Some(md)));
         wire::push_body_chunks(body_chunks, !trailers_follow, out);
         self.record.request_bytes = len;
-        self.routed(&decision);
+        self.routed(&mut decision);
         Ok(())
     }
 
@@ -345,9 +345,9 @@ impl ExtProcStream {
         )
     }
 
-    fn routed(&mut self, decision: &Decision) {
+    fn routed(&mut self, decision: &mut Decision) {
         self.phase = Phase::Routed;
-        self.in_flight.clone_from(&decision.in_flight);
+        self.in_flight = decision.in_flight.take();
         self.record.destinations = Some(decision.destinations.clone());
         self.record.primary = Some(decision.primary.clone());
         self.span.record("model", decision.target_model.as_str());

@@ -99,7 +99,7 @@ impl RequestInfo {
 }
 
 /// A routing decision.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Decision {
     /// `ip:port[,ip:port...]`, best first: the header and metadata value.
     pub destinations: String,
@@ -115,7 +115,7 @@ pub struct Decision {
     pub stream: bool,
     /// The request's share of the primary endpoint's load until the request ends; hold it for
     /// the request's life (body requests only).
-    pub in_flight: Option<Arc<crate::datalayer::InFlight>>,
+    pub in_flight: Option<crate::datalayer::InFlight>,
 }
 
 /// Why no decision was made. The protocol layer maps each to an HTTP answer.
@@ -303,7 +303,7 @@ impl Director {
             model: parsed.model.to_string(),
             target_model: target_model.to_owned(),
             stream: parsed.stream,
-            in_flight: Some(Arc::new(in_flight)),
+            in_flight: Some(in_flight),
         })
     }
 }
