@@ -15,7 +15,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,18 +33,14 @@ use tokio_stream::wrappers::ReceiverStream;
 
 #[path = "epp/floor.rs"]
 mod floor;
+#[path = "../tests/e2e/harness.rs"]
+mod harness;
+
+use harness::{envoy_bin, free_port, pool_lb_endpoints};
 
 const PAGE: &str = include_str!("../tests/fixtures/vllm-0.32-cpu/metrics_idle.txt");
 const POOL: usize = 8;
 const CELL_TIME: Duration = Duration::from_secs(8);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// An instant model server: `/metrics` (a real vLLM page) and a tiny JSON answer.
 async fn backend() -> SocketAddr {
@@ -234,12 +229,6 @@ async fn ext_proc_round_trip(client: &mut ExternalProcessorClient<tonic::transpo
     }
 }
 
-fn envoy_bin() -> PathBuf {
-    std::env::var("ENVOY_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"))
-}
-
 const DIRECT: &str = r#"
 admin: {address: {socket_address: {address: 127.0.0.1, port_value: ADMIN}}}
 static_resources:
@@ -414,16 +403,6 @@ async fn bench() {
         .replace("{{ADMIN_PORT}}", "ADMIN")
         .replace("{{EPP_PORT}}", &floor_grpc.to_string());
     // The lean shape: body BUFFERED to the EPP (sent once, not echoed), responses not processed.
-    let lb_endpoints: String = pool
-        .iter()
-        .map(|a| {
-            format!(
-                "        - endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}\n",
-                a.ip(),
-                a.port()
-            )
-        })
-        .collect();
     let buffered = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/examples/envoy/fail-open.yaml"
@@ -432,7 +411,7 @@ async fn bench() {
     .replace("{{LISTEN_PORT}}", "LISTEN")
     .replace("{{ADMIN_PORT}}", "ADMIN")
     .replace("{{EPP_PORT}}", &grpc_tls.to_string())
-    .replace("{{POOL_LB_ENDPOINTS}}\n", &lb_endpoints);
+    .replace("{{POOL_LB_ENDPOINTS}}\n", &pool_lb_endpoints(&pool));
     let direct = DIRECT.replace("BACKEND", &pool[0].port().to_string());
     let (e1, direct_port) = start_envoy(direct).await;
     let (e2, epp_port) = start_envoy(with_epp).await;

@@ -212,12 +212,16 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
     let tls = if !cli.secure_serving {
         None
     } else {
-        let (pair, dir, generated) = match &cli.cert_path {
-            Some(dir) => (tls::load_pair(dir)?, dir.clone(), false),
-            None => (tls::self_signed()?, std::path::PathBuf::from("generated"), true),
+        let pair = match &cli.cert_path {
+            Some(dir) => tls::load_pair(dir)?,
+            None => tls::self_signed()?,
         };
-        let store = Arc::new(tls::CertStore::new(tls::certified_key(&pair, &dir)?));
-        Some((store, pair, dir, generated))
+        let origin = cli
+            .cert_path
+            .as_deref()
+            .unwrap_or(std::path::Path::new("generated"));
+        let store = Arc::new(tls::CertStore::new(tls::certified_key(&pair, origin)?));
+        Some((store, pair))
     };
     if cli.enable_cert_reload && (tls.is_none() || cli.cert_path.is_none()) {
         tracing::warn!("--enable-cert-reload has no effect without --cert-path and TLS");
@@ -339,12 +343,15 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
     let mut self_signed_cert = None;
     let shutdown = cancel.clone().cancelled_owned();
     match tls {
-        Some((store, pair, dir, generated)) => {
+        Some((store, pair)) => {
             let acceptor = tls::acceptor(store.clone())?;
-            if generated {
-                self_signed_cert = String::from_utf8(pair.cert).ok();
-            } else if cli.enable_cert_reload {
-                tracker.spawn(tls::watch(dir, store, pair, CERT_RELOAD_INTERVAL, cancel.clone()));
+            match &cli.cert_path {
+                None => self_signed_cert = String::from_utf8(pair.cert).ok(),
+                Some(dir) if cli.enable_cert_reload => {
+                    let watch = tls::watch(dir.clone(), store, pair, CERT_RELOAD_INTERVAL, cancel.clone());
+                    tracker.spawn(watch);
+                }
+                Some(_) => {}
             }
             spawn_essential(
                 &tracker,

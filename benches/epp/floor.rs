@@ -5,18 +5,14 @@
 //! own process, with the same TLS, gRPC stack and socket options as the EPP, so the difference
 //! between the two is what the EPP's own work costs.
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use std::sync::Arc;
+
+use endpoint_picker::protocol::wire;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
     ExternalProcessor, ExternalProcessorServer,
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as In;
-use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Out;
-use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest,
-    ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation,
-};
-use std::sync::Arc;
-
+use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -30,51 +26,16 @@ struct Floor {
     destination: Arc<str>,
 }
 
-fn out(r: Out) -> Result<ProcessingResponse, Status> {
-    Ok(ProcessingResponse {
-        response: Some(r),
-        ..ProcessingResponse::default()
-    })
-}
-
-fn streamed(body: Vec<u8>, end_of_stream: bool) -> BodyResponse {
-    BodyResponse {
-        response: Some(CommonResponse {
-            body_mutation: Some(BodyMutation {
-                mutation: Some(body_mutation::Mutation::StreamedResponse(StreamedBodyResponse {
-                    body,
-                    end_of_stream,
-                    ..StreamedBodyResponse::default()
-                })),
-            }),
-            ..CommonResponse::default()
-        }),
-    }
-}
-
 impl Floor {
-    fn headers_answer(&self, body_len: usize) -> HeadersResponse {
-        let set = |key: &str, value: String| HeaderValueOption {
-            header: Some(HeaderValue {
-                key: key.to_owned(),
-                raw_value: value.into_bytes(),
-                ..HeaderValue::default()
-            }),
-            ..HeaderValueOption::default()
-        };
-        HeadersResponse {
-            response: Some(CommonResponse {
-                clear_route_cache: true,
-                header_mutation: Some(HeaderMutation {
-                    set_headers: vec![
-                        set("x-gateway-destination-endpoint", self.destination.to_string()),
-                        set("content-length", body_len.to_string()),
-                    ],
-                    ..HeaderMutation::default()
-                }),
-                ..CommonResponse::default()
-            }),
-        }
+    /// The routing answer, built with the EPP's own wire helpers.
+    fn headers_answer(&self, body_len: usize) -> ProcessingResponse {
+        wire::request_headers(
+            wire::routing_common(vec![
+                wire::set_header("x-gateway-destination-endpoint", self.destination.as_bytes()),
+                wire::set_header("content-length", body_len.to_string().as_bytes()),
+            ]),
+            None,
+        )
     }
 }
 
@@ -97,7 +58,7 @@ impl ExternalProcessor for Floor {
                 match msg.request {
                     Some(In::RequestHeaders(h)) if h.end_of_stream => {
                         answered = true;
-                        send.push(out(Out::RequestHeaders(this.headers_answer(0))));
+                        send.push(this.headers_answer(0));
                     }
                     Some(In::RequestBody(b)) => {
                         let end = b.end_of_stream;
@@ -105,29 +66,29 @@ impl ExternalProcessor for Floor {
                         if end && !answered {
                             answered = true;
                             let len = held.iter().map(Vec::len).sum();
-                            send.push(out(Out::RequestHeaders(this.headers_answer(len))));
+                            send.push(this.headers_answer(len));
                             let n = held.len();
                             for (i, chunk) in held.drain(..).enumerate() {
-                                send.push(out(Out::RequestBody(streamed(chunk, i + 1 == n))));
+                                send.push(wire::request_body_chunk(chunk, i + 1 == n));
                             }
                         }
                     }
                     Some(In::RequestTrailers(_)) => {
-                        send.push(out(Out::RequestTrailers(TrailersResponse::default())));
+                        send.push(wire::trailers(true));
                     }
                     Some(In::ResponseHeaders(_)) => {
-                        send.push(out(Out::ResponseHeaders(HeadersResponse::default())));
+                        send.push(wire::response_headers_continue());
                     }
                     Some(In::ResponseBody(b)) => {
-                        send.push(out(Out::ResponseBody(streamed(b.body, b.end_of_stream))));
+                        send.push(wire::response_body_chunk(b.body, b.end_of_stream));
                     }
                     Some(In::ResponseTrailers(_)) => {
-                        send.push(out(Out::ResponseTrailers(TrailersResponse::default())));
+                        send.push(wire::trailers(false));
                     }
                     _ => {}
                 }
                 for m in send {
-                    if tx.send(m).await.is_err() {
+                    if tx.send(Ok(m)).await.is_err() {
                         return;
                     }
                 }

@@ -16,9 +16,12 @@ mod store;
 pub use endpoint::{Endpoint, LoraInfo, Metrics, format_hostport};
 pub use store::{Dispatched, EndpointState, EndpointStore, InFlight, Snapshot};
 
-/// Prompt tokens in about `bytes` bytes of prompt text: the usual four bytes per token of
-/// English text under BPE tokenisers. Used only to weigh requests against each other and
-/// against a server's KV capacity, where being off by a fraction matters little.
+/// Bytes of prompt text per token: the usual figure for English text under BPE tokenisers.
+/// The EPP never tokenises; the prefix index's block size and the load estimates use this.
+pub const BYTES_PER_TOKEN: usize = 4;
+
+/// Prompt tokens in about `bytes` bytes of prompt text. Used only to weigh requests against
+/// each other and against a server's KV capacity, where being off by a fraction matters little.
 pub fn estimate_tokens(bytes: usize) -> u64 {
-    (bytes as u64).div_ceil(4)
+    bytes.div_ceil(BYTES_PER_TOKEN) as u64
 }

@@ -253,7 +253,8 @@ impl ExtProcStream {
                 let mut decision = self.decide(&body)?;
                 let content_length = decision.body.as_ref().map(Vec::len);
                 let (mut common, md) = self.routing(&decision, content_length);
-                if let Some(new_body) = decision.body.clone() {
+                // The rewritten body moves into the answer: no second copy.
+                if let Some(new_body) = decision.body.take() {
                     common.body_mutation = Some(BodyMutation {
                         mutation: Some(body_mutation::Mutation::Body(new_body)),
                     });
@@ -304,7 +305,7 @@ impl ExtProcStream {
         };
         let mut decision = self.decide(&joined)?;
         drop(joined);
-        let body_chunks = match decision.body.clone() {
+        let body_chunks = match decision.body.take() {
             Some(new_body) => vec![new_body],
             None => chunks,
         };

@@ -246,34 +246,29 @@ pub async fn watch(
                 key: tokio::fs::read(dir.join("tls.key")).await?,
             })
         };
-        let pair = match read.await {
-            Ok(pair) => pair,
-            Err(error) => {
-                let message = format!("cannot read the certificate files in {}: {error}", dir.display());
-                if last_error.as_deref() != Some(&message) {
-                    tracing::warn!("{message}; still serving the previous certificate");
-                    last_error = Some(message);
-                }
-                continue;
-            }
+        let outcome = match read.await {
+            Err(error) => Err(format!(
+                "cannot read the certificate files in {}: {error}",
+                dir.display()
+            )),
+            Ok(pair) if pair == last => continue,
+            Ok(pair) => certified_key(&pair, &dir)
+                .map(|key| (key, pair))
+                .map_err(|error| format!("new certificate files rejected: {error}")),
         };
-        if pair == last {
-            continue;
-        }
-        match certified_key(&pair, &dir) {
-            Ok(key) => {
+        match outcome {
+            Ok((key, pair)) => {
                 store.replace(key);
                 tracing::info!(dir = %dir.display(), "ext_proc certificate reloaded");
                 last = pair;
                 last_error = None;
             }
-            Err(error) => {
-                let message = error.to_string();
-                if last_error.as_deref() != Some(&message) {
-                    tracing::warn!(%error, "new certificate files rejected; still serving the previous certificate");
-                    last_error = Some(message);
-                }
+            // Each distinct problem is reported once, not every second.
+            Err(message) if last_error.as_deref() != Some(&message) => {
+                tracing::warn!("{message}; still serving the previous certificate");
+                last_error = Some(message);
             }
+            Err(_) => {}
         }
     }
 }

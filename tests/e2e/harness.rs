@@ -240,6 +240,20 @@ impl Shape {
     }
 }
 
+/// The `{{POOL_LB_ENDPOINTS}}` lines of the example configurations: one `lb_endpoints` entry
+/// per pool address.
+pub fn pool_lb_endpoints(pool: &[SocketAddr]) -> String {
+    pool.iter()
+        .map(|a| {
+            format!(
+                "        - endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}\n",
+                a.ip(),
+                a.port()
+            )
+        })
+        .collect()
+}
+
 /// A real Envoy running one of the example configurations.
 pub struct Envoy {
     pub child: Child,
@@ -271,16 +285,7 @@ impl Envoy {
         );
         let port = free_port();
         let admin_port = free_port();
-        let endpoints: String = pool
-            .iter()
-            .map(|a| {
-                format!(
-                    "        - endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}\n",
-                    a.ip(),
-                    a.port()
-                )
-            })
-            .collect();
+        let endpoints = pool_lb_endpoints(pool);
         let config = template
             .replace("{{LISTEN_PORT}}", &port.to_string())
             .replace("{{ADMIN_PORT}}", &admin_port.to_string())

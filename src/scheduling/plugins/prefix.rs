@@ -28,8 +28,7 @@ use crate::scheduling::{
     EndpointsChanged, PreRequest, PrefixHashes, PrefixHit, SchedulingRequest, SchedulingResult, Scorer,
 };
 
-/// Approximate bytes of prompt text per token.
-const BYTES_PER_TOKEN: usize = 4;
+use crate::datalayer::BYTES_PER_TOKEN;
 
 /// The plugin's parameters as written in the config.
 #[derive(Debug, Default, Clone, Deserialize)]
