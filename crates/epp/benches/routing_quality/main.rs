@@ -1,0 +1,393 @@
+//! Routing quality: the same workload, at the same request rates, against the same pool of
+//! simulated vLLM servers, through each routing strategy a user could pick:
+//!
+//! * `round-robin`: Envoy with a round-robin cluster (what a Kubernetes Service gives);
+//! * `epp-random`: Envoy + this EPP with `random-picker`;
+//! * `epp-default`: Envoy + this EPP with the seed ConfigMap's profile (queue, KV, prefix, weight 1);
+//! * `epp-v14`: Envoy + this EPP with the v1.4+ default weights (queue 2, KV 2, prefix 3);
+//! * `sglang`: SGLang's router, policy `cache_aware`.
+//!
+//! The sims restart between strategies so every strategy starts with cold caches. For each
+//! strategy and rate: TTFT p50/p90/p99 (streaming, observed at the client), end-to-end
+//! latency p50/p90, output tokens/s, the sims' prefix-cache hit rate
+//! (`prefix_cache_hits / prefix_cache_queries`) and the spread of requests over the sims.
+//! Results go to stdout (a Markdown table) and `<out>/results.json`.
+//!
+//! `cargo bench --bench routing_quality -- [--rates 5,10,20,30,40] [--duration 25]
+//!  [--strategies round-robin,epp-random,epp-default,epp-v14,sglang] [--workload shared_prefix|multi_turn|control]
+//!  [--out target/routing-quality] [--sims 4] [--epp-arg=<flag> ...]`
+//!
+//! Envoy comes from `$ENVOY_BIN` or `.venv`; SGLang's router from `$SGLANG_ROUTER_PYTHON` or
+//! `.venv` (`scripts/routing-quality` installs both and plots the results).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod workload;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use epp_testkit::e2e::{Envoy, Epp, Shape, Sim};
+use epp_testkit::sglang;
+use workload::{Workload, poisson_arrivals};
+
+/// The simulated pool: small KV caches (400 blocks of 16 tokens: room for about four of the
+/// workload's system prompts per server), prefill dominated by uncached tokens, 4 slots.
+fn sim_config(c: &mut vllm_sim::SimConfig) {
+    c.time_scale = 1.0;
+    c.kv_blocks = 400;
+    c.block_size = 16;
+    c.max_num_seqs = 4;
+    c.prefill_seconds_per_token = 0.0004;
+    c.decode_seconds_per_token = 0.008;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Strategy {
+    RoundRobin,
+    EppRandom,
+    EppDefault,
+    EppV14,
+    Sglang,
+}
+
+impl Strategy {
+    const ALL: [Strategy; 5] = [
+        Self::RoundRobin,
+        Self::EppRandom,
+        Self::EppDefault,
+        Self::EppV14,
+        Self::Sglang,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::RoundRobin => "round-robin",
+            Self::EppRandom => "epp-random",
+            Self::EppDefault => "epp-default",
+            Self::EppV14 => "epp-v14",
+            Self::Sglang => "sglang",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .unwrap_or_else(|| panic!("unknown strategy {s}"))
+    }
+}
+
+const RANDOM_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: random-picker
+";
+
+/// What sits in front of the pool for one strategy; dropping it stops everything (the EPP is
+/// held only to keep it running).
+enum Front {
+    Envoy(Envoy),
+    Epp(Envoy, #[allow(dead_code)] Epp),
+    Sglang(sglang::SglangRouter),
+}
+
+impl Front {
+    fn url(&self, path: &str) -> String {
+        match self {
+            Front::Envoy(e) | Front::Epp(e, _) => e.url(path),
+            Front::Sglang(r) => format!("{}{path}", r.url),
+        }
+    }
+}
+
+async fn front(strategy: Strategy, pool: &[std::net::SocketAddr], extra_epp_args: &[String]) -> Front {
+    let seed = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/default-plugins.yaml");
+    let epp_args: Vec<String> = match strategy {
+        Strategy::RoundRobin => return Front::Envoy(Envoy::start(Shape::RoundRobin, 0, pool).await),
+        Strategy::Sglang => {
+            let python = std::env::var("SGLANG_ROUTER_PYTHON")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| {
+                    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../.venv/bin/python"))
+                });
+            return Front::Sglang(sglang::SglangRouter::start(&python, pool, &[]).await);
+        }
+        Strategy::EppRandom => vec![format!("--config-text={RANDOM_CONFIG}")],
+        Strategy::EppDefault => vec!["--config-file".into(), seed.into()],
+        Strategy::EppV14 => vec![],
+    };
+    let mut args: Vec<&str> = epp_args.iter().map(String::as_str).collect();
+    args.push("--destination-limit=1");
+    args.extend(extra_epp_args.iter().map(String::as_str));
+    let epp = Epp::start(pool, &args).await;
+    let envoy = Envoy::start(Shape::AiGateway, epp.grpc_port, pool).await;
+    Front::Epp(envoy, epp)
+}
+
+/// One request's outcome.
+#[derive(Debug, Default, Clone)]
+struct Sample {
+    ok: bool,
+    ttft: Duration,
+    e2e: Duration,
+    output_tokens: u64,
+    served_by: Option<String>,
+}
+
+async fn send(client: &reqwest::Client, url: &str, body: String) -> Sample {
+    let start = Instant::now();
+    let mut sample = Sample::default();
+    let Ok(mut resp) = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+    else {
+        return sample;
+    };
+    if !resp.status().is_success() {
+        return sample;
+    }
+    sample.served_by = resp
+        .headers()
+        .get("x-vllm-sim-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut buf = Vec::new();
+    let mut first = None;
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        buf.extend_from_slice(&chunk);
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let Some(data) = line.strip_prefix(b"data: ") else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+                continue;
+            };
+            if first.is_none()
+                && v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|c| !c.is_empty())
+            {
+                first = Some(start.elapsed());
+            }
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                sample.output_tokens = n;
+            }
+        }
+    }
+    sample.e2e = start.elapsed();
+    sample.ttft = first.unwrap_or(sample.e2e);
+    sample.ok = first.is_some();
+    sample
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_secs_f64()
+}
+
+#[derive(Debug, serde::Serialize)]
+struct RateResult {
+    workload: String,
+    strategy: String,
+    rate: f64,
+    requests: usize,
+    ok: usize,
+    ttft_p50: f64,
+    ttft_p90: f64,
+    ttft_p99: f64,
+    e2e_p50: f64,
+    e2e_p90: f64,
+    output_tokens_per_s: f64,
+    hit_rate: f64,
+    spread: Vec<usize>,
+}
+
+fn hits(sims: &[Sim]) -> (u64, u64) {
+    sims.iter().fold((0, 0), |(h, q), s| {
+        let st = s.sim.stats();
+        (h + st.prefix_cache_hits, q + st.prefix_cache_queries)
+    })
+}
+
+async fn run_rate(
+    front: &Front,
+    sims: &[Sim],
+    workload: &Workload,
+    rate: f64,
+    duration: f64,
+    seed: u64,
+) -> RateResult {
+    let count = ((rate * duration).round() as usize).max(1);
+    let requests = workload.requests(count, seed);
+    let arrivals = poisson_arrivals(rate, count, seed ^ 0x5eed);
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(512)
+        .timeout(Duration::from_secs(180))
+        .build()
+        .unwrap();
+    let url = Arc::new(front.url("/v1/chat/completions"));
+    let (h0, q0) = hits(sims);
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(count);
+    for (req, at) in requests.into_iter().zip(arrivals) {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(at)).await;
+        let (client, url) = (client.clone(), url.clone());
+        tasks.push(tokio::spawn(async move { send(&client, &url, req.body).await }));
+    }
+    let mut samples = Vec::with_capacity(count);
+    for t in tasks {
+        samples.push(t.await.unwrap());
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let (h1, q1) = hits(sims);
+    let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
+    let mut ttft: Vec<Duration> = ok.iter().map(|s| s.ttft).collect();
+    let mut e2e: Vec<Duration> = ok.iter().map(|s| s.e2e).collect();
+    ttft.sort_unstable();
+    e2e.sort_unstable();
+    let spread = sims
+        .iter()
+        .map(|s| {
+            samples
+                .iter()
+                .filter(|x| x.served_by.as_deref() == Some(s.id.as_str()))
+                .count()
+        })
+        .collect();
+    RateResult {
+        workload: workload.name().to_owned(),
+        strategy: String::new(),
+        rate,
+        requests: count,
+        ok: ok.len(),
+        ttft_p50: pct(&ttft, 0.5),
+        ttft_p90: pct(&ttft, 0.9),
+        ttft_p99: pct(&ttft, 0.99),
+        e2e_p50: pct(&e2e, 0.5),
+        e2e_p90: pct(&e2e, 0.9),
+        output_tokens_per_s: ok.iter().map(|s| s.output_tokens).sum::<u64>() as f64 / wall,
+        hit_rate: if q1 > q0 {
+            (h1 - h0) as f64 / (q1 - q0) as f64
+        } else {
+            0.0
+        },
+        spread,
+    }
+}
+
+struct Options {
+    /// Extra `epp` flags (`--epp-arg=--refresh-metrics-interval=10ms`, repeatable).
+    epp_args: Vec<String>,
+    rates: Vec<f64>,
+    duration: f64,
+    strategies: Vec<Strategy>,
+    workload: Workload,
+    out: PathBuf,
+    sims: usize,
+}
+
+fn options() -> Options {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let get = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    Options {
+        epp_args: args
+            .iter()
+            .filter_map(|a| a.strip_prefix("--epp-arg="))
+            .map(str::to_owned)
+            .collect(),
+        rates: get("--rates")
+            .unwrap_or_else(|| "5,10,20,30,40".into())
+            .split(',')
+            .map(|r| r.trim().parse().unwrap())
+            .collect(),
+        duration: get("--duration").map(|d| d.parse().unwrap()).unwrap_or(25.0),
+        strategies: get("--strategies")
+            .map(|s| s.split(',').map(|x| Strategy::parse(x.trim())).collect())
+            .unwrap_or_else(|| Strategy::ALL.to_vec()),
+        workload: match get("--workload").as_deref() {
+            None | Some("shared_prefix") => Workload::shared_prefix(),
+            Some("multi_turn") => Workload::MultiTurn {
+                conversations: 24,
+                turns: 8,
+                system_prompt_len: 400,
+                turn_len: 64,
+                output_len: 24,
+            },
+            Some("control") => Workload::Control {
+                prompt_len: 1200,
+                output_len: 24,
+            },
+            Some(other) => panic!("unknown workload {other}"),
+        },
+        out: get("--out")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("target/routing-quality")),
+        sims: get("--sims").map(|n| n.parse().unwrap()).unwrap_or(4),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let opts = options();
+    std::fs::create_dir_all(&opts.out).unwrap();
+    let mut results: Vec<RateResult> = Vec::new();
+    println!(
+        "workload {} · {} sims · rates {:?}/s · {} s per rate\n",
+        opts.workload.name(),
+        opts.sims,
+        opts.rates,
+        opts.duration
+    );
+    println!(
+        "| strategy | rate | ok/sent | TTFT p50 | TTFT p90 | TTFT p99 | E2E p50 | E2E p90 | out tok/s | hit rate | spread |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for strategy in &opts.strategies {
+        let mut sims = Vec::new();
+        for _ in 0..opts.sims {
+            sims.push(Sim::start(sim_config).await);
+        }
+        let pool: Vec<_> = sims.iter().map(|s| s.addr).collect();
+        let front = front(*strategy, &pool, &opts.epp_args).await;
+        for (i, rate) in opts.rates.iter().enumerate() {
+            let mut r = run_rate(&front, &sims, &opts.workload, *rate, opts.duration, 42 + i as u64).await;
+            r.strategy = strategy.name().to_owned();
+            println!(
+                "| {} | {} | {}/{} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.1} % | {:?} |",
+                r.strategy,
+                r.rate,
+                r.ok,
+                r.requests,
+                r.ttft_p50,
+                r.ttft_p90,
+                r.ttft_p99,
+                r.e2e_p50,
+                r.e2e_p90,
+                r.output_tokens_per_s,
+                r.hit_rate * 100.0,
+                r.spread
+            );
+            results.push(r);
+        }
+        drop(front);
+        drop(sims);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let path = opts.out.join(format!("results-{}.json", opts.workload.name()));
+    std::fs::write(&path, serde_json::to_string_pretty(&results).unwrap()).unwrap();
+    println!("\nresults: {}", path.display());
+}

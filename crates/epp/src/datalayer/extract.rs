@@ -1,0 +1,603 @@
+//! From a model server's Prometheus text to [`Metrics`].
+//!
+//! A vLLM `/metrics` page is ~50 KB and ~90 families; the EPP needs five or six series of it,
+//! twenty times a second per endpoint. So each line is first checked for a wanted family name
+//! (a byte comparison, no allocation), and only those sample lines are parsed. Parsing cost is
+//! then independent of everything else the server exports.
+//!
+//! The sample-line parser is our own: `prometheus-parse` (0.2) matches metric names with
+//! `\w+`, so it cannot read any `vllm:`-prefixed series, and it splits labels at the first
+//! `}` even inside quoted values.
+//!
+//! Metric specs follow the reference: `name` or `name{label=value,...}` (values quoted or
+//! not); a series matches when it carries every listed label with that value. The first
+//! matching series wins, except for LoRA info, where the series with the largest value (vLLM
+//! writes a timestamp there, and keeps old label sets) is the current state.
+
+use std::sync::Arc;
+
+use std::borrow::Cow;
+
+use tokio::time::Instant;
+
+use super::{LoraInfo, Metrics};
+
+/// A parsed metric spec string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricSpec {
+    /// Family / series name.
+    pub name: String,
+    /// Required label values.
+    pub labels: Vec<(String, String)>,
+}
+
+/// Why a metric spec string is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid metric spec '{spec}': {reason}")]
+pub struct SpecError {
+    spec: String,
+    reason: &'static str,
+}
+
+impl MetricSpec {
+    /// Parses `name` or `name{l1=v1,l2="v2"}`. An empty string means "not scraped" (`None`).
+    pub fn parse(spec: &str) -> Result<Option<Self>, SpecError> {
+        let err = |reason| SpecError {
+            spec: spec.to_owned(),
+            reason,
+        };
+        let s = spec.trim();
+        if s.is_empty() {
+            return Ok(None);
+        }
+        let (name, rest) = match s.find('{') {
+            Some(i) => (&s[..i], Some(&s[i + 1..])),
+            None => (s, None),
+        };
+        let name = name.trim();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        {
+            return Err(err("the name must be [a-zA-Z0-9_:]+"));
+        }
+        let mut labels = Vec::new();
+        if let Some(rest) = rest {
+            let inner = rest
+                .strip_suffix('}')
+                .ok_or_else(|| err("missing closing '}' (nothing may follow it)"))?;
+            for pair in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let (k, v) = pair
+                    .split_once('=')
+                    .ok_or_else(|| err("labels must be key=value"))?;
+                let v = v.trim();
+                let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
+                labels.push((k.trim().to_owned(), v.to_owned()));
+            }
+        }
+        Ok(Some(Self {
+            name: name.to_owned(),
+            labels,
+        }))
+    }
+
+    fn matches(&self, sample: &Sample<'_>) -> bool {
+        sample.name == self.name
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| sample.label(k) == Some(v.as_str()))
+    }
+}
+
+/// Where KV-cache block size and count come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheInfo {
+    /// An info series whose labels carry the values (vLLM, SGLang).
+    Labels {
+        /// The info series.
+        spec: MetricSpec,
+        /// Label with tokens per block.
+        block_size_label: String,
+        /// Label with the number of blocks.
+        num_blocks_label: String,
+    },
+    /// Two gauges (TensorRT-LLM).
+    Gauges {
+        /// Tokens per block.
+        block_size: Option<MetricSpec>,
+        /// Number of blocks.
+        num_blocks: Option<MetricSpec>,
+    },
+}
+
+/// The metric names of one model-server engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineMetrics {
+    /// Engine name (`vllm`, `sglang`, `trtllm-serve`, `triton-tensorrt-llm`).
+    pub engine: String,
+    /// Waiting requests.
+    pub queued: Option<MetricSpec>,
+    /// Running requests.
+    pub running: Option<MetricSpec>,
+    /// KV-cache utilisation; the first spec present wins (new name, then old).
+    pub kv_usage: Vec<MetricSpec>,
+    /// LoRA info.
+    pub lora: Option<MetricSpec>,
+    /// Cache geometry.
+    pub cache: Option<CacheInfo>,
+}
+
+fn spec(name: &str, labels: &[(&str, &str)]) -> MetricSpec {
+    MetricSpec {
+        name: name.to_owned(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    }
+}
+
+fn label_cache(name: &str, block_size: &str, num_blocks: &str) -> Option<CacheInfo> {
+    Some(CacheInfo::Labels {
+        spec: spec(name, &[]),
+        block_size_label: block_size.to_owned(),
+        num_blocks_label: num_blocks.to_owned(),
+    })
+}
+
+/// Engines with built-in mappings.
+pub const ENGINES: &[&str] = &["vllm", "sglang", "trtllm-serve", "triton-tensorrt-llm"];
+
+impl EngineMetrics {
+    /// The built-in mapping of `engine`, if it is one of [`ENGINES`].
+    pub fn builtin(engine: &str) -> Option<Self> {
+        let m = match engine {
+            "vllm" => Self {
+                engine: engine.to_owned(),
+                queued: Some(spec("vllm:num_requests_waiting", &[])),
+                running: Some(spec("vllm:num_requests_running", &[])),
+                kv_usage: vec![
+                    spec("vllm:kv_cache_usage_perc", &[]),
+                    spec("vllm:gpu_cache_usage_perc", &[]),
+                ],
+                lora: Some(spec("vllm:lora_requests_info", &[])),
+                cache: label_cache("vllm:cache_config_info", "block_size", "num_gpu_blocks"),
+            },
+            "sglang" => Self {
+                engine: engine.to_owned(),
+                queued: Some(spec("sglang:num_queue_reqs", &[])),
+                running: Some(spec("sglang:num_running_reqs", &[])),
+                kv_usage: vec![spec("sglang:token_usage", &[])],
+                lora: None,
+                cache: label_cache("sglang:cache_config_info", "page_size", "num_pages"),
+            },
+            "trtllm-serve" => Self {
+                engine: engine.to_owned(),
+                queued: Some(spec("trtllm_num_requests_waiting", &[])),
+                running: Some(spec("trtllm_num_requests_running", &[])),
+                kv_usage: vec![spec("trtllm_kv_cache_utilization", &[])],
+                lora: None,
+                cache: Some(CacheInfo::Gauges {
+                    block_size: Some(spec("trtllm_kv_cache_tokens_per_block", &[])),
+                    num_blocks: Some(spec("trtllm_kv_cache_max_blocks", &[])),
+                }),
+            },
+            "triton-tensorrt-llm" => Self {
+                engine: engine.to_owned(),
+                queued: Some(spec("nv_trt_llm_request_metrics", &[("request_type", "waiting")])),
+                running: Some(spec(
+                    "nv_trt_llm_request_metrics",
+                    &[("request_type", "scheduled")],
+                )),
+                kv_usage: vec![spec(
+                    "nv_trt_llm_kv_cache_block_metrics",
+                    &[("kv_cache_block_type", "fraction")],
+                )],
+                lora: None,
+                cache: Some(CacheInfo::Gauges {
+                    block_size: Some(spec(
+                        "nv_trt_llm_kv_cache_block_metrics",
+                        &[("kv_cache_block_type", "tokens_per")],
+                    )),
+                    num_blocks: Some(spec(
+                        "nv_trt_llm_kv_cache_block_metrics",
+                        &[("kv_cache_block_type", "max")],
+                    )),
+                }),
+            },
+            _ => return None,
+        };
+        Some(m)
+    }
+
+    /// Sample names to ask a server for (`name[]=`): the families, and `_total` for counters.
+    pub fn sample_names(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for f in self.families() {
+            out.push(f.to_owned());
+            out.push(format!("{f}_total"));
+        }
+        out
+    }
+
+    /// Every family name this mapping reads.
+    fn families(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = [&self.queued, &self.running, &self.lora]
+            .into_iter()
+            .flatten()
+            .map(|s| s.name.as_str())
+            .collect();
+        match &self.cache {
+            Some(CacheInfo::Labels { spec, .. }) => names.push(&spec.name),
+            Some(CacheInfo::Gauges {
+                block_size,
+                num_blocks,
+            }) => {
+                for s in [block_size, num_blocks].into_iter().flatten() {
+                    names.push(&s.name);
+                }
+            }
+            None => {}
+        }
+        names.extend(self.kv_usage.iter().map(|s| s.name.as_str()));
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// Extracts metrics from a `/metrics` page. `previous` supplies values for series that are
+    /// absent (e.g. LoRA info on a server without LoRA). Returns `None` when not one
+    /// configured series was found: the page is not from this engine, and the endpoint's
+    /// figures should age rather than be replaced by zeros.
+    pub fn extract(&self, text: &str, previous: &Metrics, now: Instant) -> Option<Metrics> {
+        let wanted = self.families();
+        let samples: Vec<Sample<'_>> = wanted_lines(text, &wanted).filter_map(Sample::parse).collect();
+        let mut found = false;
+        let mut m = previous.clone();
+
+        let first = |spec: &MetricSpec| samples.iter().find(|s| spec.matches(s)).map(|s| s.value);
+        if let Some(v) = self.queued.as_ref().and_then(first) {
+            m.waiting_queue = to_u32(v);
+            found = true;
+        }
+        if let Some(v) = self.running.as_ref().and_then(first) {
+            m.running = to_u32(v);
+            found = true;
+        }
+        if let Some(v) = self.kv_usage.iter().find_map(first) {
+            m.kv_cache_usage = v;
+            found = true;
+        }
+        if let Some(lora) = self.lora.as_ref().and_then(|spec| lora_info(&samples, spec)) {
+            m.lora = lora;
+            found = true;
+        }
+        match &self.cache {
+            Some(CacheInfo::Labels {
+                spec,
+                block_size_label,
+                num_blocks_label,
+            }) => {
+                if let Some(s) = samples.iter().find(|s| spec.matches(s)) {
+                    m.cache_block_size = s.label(block_size_label).and_then(|v| v.parse().ok());
+                    m.cache_num_blocks = s.label(num_blocks_label).and_then(|v| v.parse().ok());
+                    found = true;
+                }
+            }
+            Some(CacheInfo::Gauges {
+                block_size,
+                num_blocks,
+            }) => {
+                if let Some(v) = block_size.as_ref().and_then(first) {
+                    m.cache_block_size = Some(to_u32(v));
+                    found = true;
+                }
+                if let Some(v) = num_blocks.as_ref().and_then(first) {
+                    m.cache_num_blocks = Some(v.max(0.0) as u64);
+                    found = true;
+                }
+            }
+            None => {}
+        }
+        if !found {
+            return None;
+        }
+        m.updated_at = Some(now);
+        Some(m)
+    }
+}
+
+/// The sample lines of wanted families (sample names may carry a `_total` suffix). Lines are
+/// found with `memchr` and rejected on their first bytes, so the ~900 lines of a vLLM page
+/// cost a few microseconds.
+fn wanted_lines<'t>(text: &'t str, wanted: &'t [&'t str]) -> impl Iterator<Item = &'t str> + 't {
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    let mut ends = memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len()));
+    std::iter::from_fn(move || {
+        loop {
+            let end = ends.next()?;
+            let line = &bytes[start..end];
+            let line_start = start;
+            start = end + 1;
+            if line.first().is_none_or(|b| *b == b'#') {
+                continue;
+            }
+            let hit = wanted.iter().any(|w| {
+                let w = w.as_bytes();
+                // Cheap rejects before the comparison: the name's last byte and the byte after
+                // it (families share long prefixes like `vllm:`).
+                let (Some(last), Some(next)) = (
+                    w.len().checked_sub(1).and_then(|i| line.get(i)),
+                    line.get(w.len()),
+                ) else {
+                    return false;
+                };
+                w.last() == Some(last)
+                    && matches!(next, b'{' | b' ' | b'\t' | b'_')
+                    && line.starts_with(w)
+                    && (*next != b'_' || line[w.len()..].starts_with(b"_total"))
+            });
+            if hit {
+                // Line boundaries are ASCII, so the slice is valid UTF-8.
+                return text.get(line_start..end);
+            }
+        }
+    })
+}
+
+/// One sample line: `name{label="value",...} value [timestamp]`.
+#[derive(Debug, PartialEq)]
+struct Sample<'a> {
+    name: &'a str,
+    labels: Vec<(&'a str, Cow<'a, str>)>,
+    value: f64,
+}
+
+impl<'a> Sample<'a> {
+    /// Parses a sample line of the text exposition format; `None` if malformed or the value
+    /// is not a finite number.
+    fn parse(line: &'a str) -> Option<Self> {
+        let line = line.trim();
+        let name_end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
+        let name = &line[..name_end];
+        let mut rest = &line[name_end..];
+        let mut labels = Vec::new();
+        if let Some(body) = rest.strip_prefix('{') {
+            let mut chars = body.char_indices().peekable();
+            loop {
+                // Skip separators, find `key="`.
+                while chars.peek().is_some_and(|(_, c)| *c == ',' || c.is_whitespace()) {
+                    chars.next();
+                }
+                let (start, c) = chars.next()?;
+                if c == '}' {
+                    rest = &body[start + 1..];
+                    break;
+                }
+                let eq = body[start..].find('=')? + start;
+                let key = body[start..eq].trim();
+                while chars.peek().is_some_and(|(i, _)| *i <= eq) {
+                    chars.next();
+                }
+                if chars.next()?.1 != '"' {
+                    return None;
+                }
+                let value_start = chars.peek()?.0;
+                let mut owned: Option<String> = None;
+                let value_end;
+                loop {
+                    let (i, c) = chars.next()?;
+                    match c {
+                        '"' => {
+                            value_end = i;
+                            break;
+                        }
+                        '\\' => {
+                            let (_, esc) = chars.next()?;
+                            let s = owned.get_or_insert_with(|| body[value_start..i].to_owned());
+                            s.push(match esc {
+                                'n' => '\n',
+                                other => other,
+                            });
+                        }
+                        c => {
+                            if let Some(s) = owned.as_mut() {
+                                s.push(c);
+                            }
+                        }
+                    }
+                }
+                let value = match owned {
+                    Some(s) => Cow::Owned(s),
+                    None => Cow::Borrowed(&body[value_start..value_end]),
+                };
+                labels.push((key, value));
+            }
+        }
+        let value_text = rest.split_whitespace().next()?;
+        let value = match value_text {
+            "+Inf" | "-Inf" | "NaN" => return None,
+            v => v.parse::<f64>().ok().filter(|v| v.is_finite())?,
+        };
+        Some(Self { name, labels, value })
+    }
+
+    fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_ref())
+    }
+}
+
+fn to_u32(v: f64) -> u32 {
+    v.round().clamp(0.0, f64::from(u32::MAX)) as u32
+}
+
+fn adapters(s: Option<&str>) -> Vec<Arc<str>> {
+    s.unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(Arc::from)
+        .collect()
+}
+
+/// The current LoRA state: the series with the largest value.
+fn lora_info(samples: &[Sample<'_>], spec: &MetricSpec) -> Option<LoraInfo> {
+    let latest = samples
+        .iter()
+        .filter(|s| spec.matches(s))
+        .max_by(|a, b| a.value.total_cmp(&b.value))?;
+    Some(LoraInfo {
+        active: adapters(latest.label("running_lora_adapters")),
+        waiting: adapters(latest.label("waiting_lora_adapters")),
+        max_active: latest
+            .label("max_lora")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/vllm-0.32-cpu");
+
+    fn read(name: &str) -> String {
+        std::fs::read_to_string(format!("{FIXTURES}/{name}")).unwrap()
+    }
+
+    fn vllm() -> EngineMetrics {
+        EngineMetrics::builtin("vllm").unwrap()
+    }
+
+    #[test]
+    fn spec_syntax() {
+        assert_eq!(MetricSpec::parse("").unwrap(), None);
+        let s = MetricSpec::parse(" nv_trt_llm_request_metrics{request_type=waiting, x=\"y\"} ")
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.name, "nv_trt_llm_request_metrics");
+        assert_eq!(
+            s.labels,
+            vec![
+                ("request_type".into(), "waiting".into()),
+                ("x".into(), "y".into())
+            ]
+        );
+        assert!(MetricSpec::parse("m{a=b").is_err());
+        assert!(MetricSpec::parse("m{a=b}x").is_err());
+        assert!(MetricSpec::parse("m{ab}").is_err());
+        assert!(MetricSpec::parse("bad name").is_err());
+    }
+
+    #[test]
+    fn real_vllm_pages() {
+        let now = Instant::now();
+        let idle = vllm()
+            .extract(&read("metrics_idle.txt"), &Metrics::default(), now)
+            .unwrap();
+        assert_eq!((idle.waiting_queue, idle.running), (0, 0));
+        assert_eq!(idle.cache_block_size, Some(32));
+        assert_eq!(idle.cache_num_blocks, Some(128));
+        assert_eq!(idle.updated_at, Some(now));
+
+        let busy = vllm()
+            .extract(&read("metrics_busy.txt"), &Metrics::default(), now)
+            .unwrap();
+        assert_eq!((busy.waiting_queue, busy.running), (12, 8));
+        assert!((busy.kv_cache_usage - 0.850_393_700_787_401_6).abs() < 1e-12);
+
+        let after = vllm().extract(&read("metrics_after.txt"), &busy, now).unwrap();
+        assert_eq!((after.waiting_queue, after.running), (0, 0));
+        // No LoRA family on this server: LoRA info stays as it was (empty).
+        assert_eq!(after.lora, LoraInfo::default());
+    }
+
+    #[test]
+    fn real_lora_pages_take_the_latest_series() {
+        let now = Instant::now();
+        let busy = vllm()
+            .extract(&read("variant_lora/metrics_busy.txt"), &Metrics::default(), now)
+            .unwrap();
+        assert_eq!(busy.lora.max_active, 2);
+        assert_eq!(busy.lora.active, vec![Arc::<str>::from("tiny-lora")]);
+        let after = vllm()
+            .extract(&read("variant_lora/metrics_after.txt"), &busy, now)
+            .unwrap();
+        // After the burst the newest series has empty adapter lists: nothing is running.
+        assert!(after.lora.active.is_empty(), "{:?}", after.lora);
+        assert_eq!(after.lora.max_active, 2);
+        for name in [
+            "variant_lora/metrics_idle.txt",
+            "variant_lora/metrics_after_reset.txt",
+        ] {
+            assert!(
+                vllm().extract(&read(name), &Metrics::default(), now).is_some(),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn old_vllm_kv_name_is_a_fallback() {
+        let page =
+            "# TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc{model_name=\"m\"} 0.25\n";
+        let m = vllm().extract(page, &Metrics::default(), Instant::now()).unwrap();
+        assert_eq!(m.kv_cache_usage, 0.25);
+    }
+
+    #[test]
+    fn other_engines() {
+        let page = "\
+# TYPE nv_trt_llm_request_metrics gauge
+nv_trt_llm_request_metrics{model=\"m\",request_type=\"scheduled\"} 3
+nv_trt_llm_request_metrics{model=\"m\",request_type=\"waiting\"} 7
+# TYPE nv_trt_llm_kv_cache_block_metrics gauge
+nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"fraction\"} 0.5
+nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"tokens_per\"} 64
+nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"max\"} 1000
+";
+        let m = EngineMetrics::builtin("triton-tensorrt-llm")
+            .unwrap()
+            .extract(page, &Metrics::default(), Instant::now())
+            .unwrap();
+        assert_eq!((m.waiting_queue, m.running, m.kv_cache_usage), (7, 3, 0.5));
+        assert_eq!((m.cache_block_size, m.cache_num_blocks), (Some(64), Some(1000)));
+        let page = "sglang:num_queue_reqs 4\nsglang:num_running_reqs 2\nsglang:token_usage 0.3\nsglang:cache_config_info{page_size=\"16\",num_pages=\"900\"} 1\n";
+        let m = EngineMetrics::builtin("sglang")
+            .unwrap()
+            .extract(page, &Metrics::default(), Instant::now())
+            .unwrap();
+        assert_eq!((m.waiting_queue, m.running), (4, 2));
+        assert_eq!((m.cache_block_size, m.cache_num_blocks), (Some(16), Some(900)));
+    }
+
+    #[test]
+    fn sample_lines() {
+        let s = Sample::parse(r#"m:x_total{a="1",b="q\"}\\ z",c=""} 2.5e+00 1700000000"#).unwrap();
+        assert_eq!(s.name, "m:x_total");
+        assert_eq!(s.label("b"), Some("q\"}\\ z"));
+        assert_eq!(s.label("c"), Some(""));
+        assert_eq!(s.value, 2.5);
+        assert_eq!(Sample::parse("up 1").unwrap().value, 1.0);
+        assert!(Sample::parse("up NaN").is_none());
+        assert!(Sample::parse(r#"m{a="1" 2"#).is_none());
+        assert!(Sample::parse("m{a=1} 2").is_none());
+    }
+
+    #[test]
+    fn a_page_without_any_configured_series_is_not_an_update() {
+        assert!(
+            vllm()
+                .extract("up 1\n", &Metrics::default(), Instant::now())
+                .is_none()
+        );
+        assert!(vllm().extract("", &Metrics::default(), Instant::now()).is_none());
+    }
+}
