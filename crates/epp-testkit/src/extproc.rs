@@ -1,13 +1,19 @@
-//! Shared fixtures: an in-process EPP on 127.0.0.1 and a real tonic ext_proc client.
+//! Shared fixtures: an in-process EPP on 127.0.0.1, built through the same builder the `epp`
+//! binary uses, and a real tonic ext_proc client.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use endpoint_picker::config::EndpointPickerConfig;
+use endpoint_picker::app::{self, Hooks, Running};
+use endpoint_picker::config::EppConfig;
+use endpoint_picker::config::cli::parse_args;
+use endpoint_picker::config::resolve::DiscoveryPlan;
+use endpoint_picker::datalayer::collector::Sources;
 use endpoint_picker::datalayer::{Endpoint, EndpointStore, Metrics};
-use endpoint_picker::protocol::{ExtProcService, RequestObserver, RequestRecord, serve_plaintext};
-use endpoint_picker::request::{Director, DirectorConfig};
+use endpoint_picker::framework::requestcontrol::Dispatcher;
+use endpoint_picker::protocol::{RequestObserver, RequestRecord};
+use endpoint_picker::requestcontrol::ObjectiveTable;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
@@ -19,7 +25,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// Records every finished request.
@@ -38,62 +44,80 @@ impl RequestObserver for Collect {
     }
 }
 
-/// A running in-process EPP.
+/// A running in-process EPP whose pool and figures the test sets.
 pub struct Epp {
+    /// ext_proc address (plaintext).
     pub addr: SocketAddr,
+    /// Metrics port address.
+    pub metrics_addr: SocketAddr,
+    /// The endpoint store.
     pub store: Arc<EndpointStore>,
+    /// Every request report.
     pub records: Arc<Collect>,
-    shutdown: Option<oneshot::Sender<()>>,
+    /// InferenceObjective priorities.
+    pub objectives: Arc<ObjectiveTable>,
+    running: Option<Running>,
 }
 
 impl Drop for Epp {
     fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+        if let Some(r) = self.running.take() {
+            r.shutdown();
         }
     }
 }
 
 pub const SEED_CONFIG: &str = include_str!("../../../config/default-plugins.yaml");
 
-/// Starts an EPP with `config` (YAML) and `director` settings; the store starts empty but
-/// synced.
-pub async fn start(config: &str, director: DirectorConfig) -> Epp {
-    start_with(config, director, None).await
+/// The flags every in-process EPP gets: plaintext, free ports on 127.0.0.1.
+const BASE_FLAGS: &[&str] = &[
+    "--secure-serving=false",
+    "--bind-address=127.0.0.1",
+    "--grpc-port=0",
+    "--grpc-health-port=0",
+    "--metrics-port=0",
+    // Satisfies flag validation; replaced by a pool the test sets.
+    "--static-endpoints=127.0.0.1:1",
+];
+
+/// Starts an EPP with `config` (YAML) and extra `flags`, exactly as `epp` wires itself except
+/// that the test sets the pool ([`Epp::set_pool`]) and the endpoints' figures, instead of
+/// discovery and data sources. The store starts empty but synced; ties are broken with a
+/// fixed seed.
+pub async fn start(config: &str, flags: &[&str]) -> Epp {
+    start_with(config, flags, None).await
 }
 
-/// [`start`] with an admission policy.
-pub async fn start_with(
-    config: &str,
-    director: DirectorConfig,
-    admission: Option<endpoint_picker::admission::Admission>,
-) -> Epp {
-    let cfg = EndpointPickerConfig::from_text(config, "test").unwrap();
-    let scheduler = Arc::new(cfg.build_scheduler(Some(42)).unwrap());
-    let store = Arc::new(EndpointStore::new());
-    store.set_endpoints(Vec::<Endpoint>::new());
+/// [`start`] with a dispatcher that decides when requests are scheduled.
+pub async fn start_with(config: &str, flags: &[&str], dispatcher: Option<Arc<dyn Dispatcher>>) -> Epp {
+    let text = format!("--config-text={config}");
+    let args = std::iter::once("epp")
+        .chain(BASE_FLAGS.iter().copied())
+        .chain(std::iter::once(text.as_str()))
+        .chain(flags.iter().copied());
+    let cli = parse_args(args.map(Into::into)).unwrap();
+    let mut resolved = EppConfig::resolve(cli, &|_| None, Some(42)).unwrap();
+    resolved.discovery = DiscoveryPlan::Manual;
+    resolved.plugins.sources = Sources::default();
+    resolved.collector.dedicated_thread = false;
     let records = Arc::new(Collect::default());
-    let mut director = Director::new(store.clone(), scheduler, director);
-    if let Some(a) = admission {
-        director = director.with_admission(a);
-    }
-    let director = Arc::new(director);
-    let service = ExtProcService::new(director, records.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        serve_plaintext(listener, service, async {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-    });
+    let running = app::start_config(
+        resolved,
+        Hooks {
+            observer: Some(records.clone()),
+            dispatcher,
+        },
+    )
+    .await
+    .unwrap();
+    running.store.set_endpoints(Vec::<Endpoint>::new());
     Epp {
-        addr,
-        store,
+        addr: running.grpc_addr,
+        metrics_addr: running.metrics_addr,
+        store: running.store.clone(),
+        objectives: running.objectives.clone(),
         records,
-        shutdown: Some(tx),
+        running: Some(running),
     }
 }
 

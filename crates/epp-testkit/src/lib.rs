@@ -3,6 +3,7 @@
 //!
 //! * [`extproc`]: a real tonic ext_proc client that drives a stream message by message as
 //!   Envoy does, an in-process picker on 127.0.0.1, and helpers to read its answers;
+//! * [`director`]: a director built from a configuration, without servers;
 //! * [`model_server`]: a fake model server serving a captured vLLM `/metrics` page with the
 //!   load figures a test sets, able to fail or hang on demand;
 //! * [`e2e`]: in-process `vllm-sim` servers, the real `epp` binary and a real Envoy;
@@ -14,6 +15,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod apiserver;
+pub mod director;
 pub mod e2e;
 pub mod extproc;
 pub mod model_server;

@@ -7,8 +7,8 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
-use endpoint_picker::prefix::PrefixIndex;
-use endpoint_picker::prefix::hash::{block_hashes, chain_seed};
+use endpoint_picker::plugins::prefix::PrefixIndex;
+use endpoint_picker::plugins::prefix::hash::{block_hashes, chain_seed};
 
 struct Counting;
 

@@ -5,8 +5,8 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use endpoint_picker::prefix::PrefixIndex;
-use endpoint_picker::prefix::hash::{block_hashes, chain_seed};
+use endpoint_picker::plugins::prefix::PrefixIndex;
+use endpoint_picker::plugins::prefix::hash::{block_hashes, chain_seed};
 
 fn addr(i: usize) -> SocketAddr {
     format!("10.0.{}.{}:8000", i / 256, i % 256).parse().unwrap()

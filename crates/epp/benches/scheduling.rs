@@ -4,21 +4,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
-use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use endpoint_picker::config::EndpointPickerConfig;
-use endpoint_picker::datalayer::{Endpoint, EndpointStore, Metrics};
-use endpoint_picker::request::{Director, DirectorConfig, RequestHeaders, RequestInfo, Subset};
+use endpoint_picker::datalayer::{Endpoint, Metrics};
+use endpoint_picker::request::RequestHeaders;
+use endpoint_picker::requestcontrol::{Director, RequestInfo, Routing, Subset};
 
 const SEED: &str = include_str!("../../../config/default-plugins.yaml");
 
 fn director(endpoints: usize) -> Director {
-    let scheduler = EndpointPickerConfig::from_text(SEED, "seed")
-        .unwrap()
-        .build_scheduler(Some(1))
-        .unwrap();
-    let store = Arc::new(EndpointStore::new());
+    let (director, store) = epp_testkit::director::director(SEED, 1);
     store.set_endpoints((0..endpoints).map(|i| {
         Endpoint::from_address(
             format!("10.{}.{}.{}:8000", i / 65536, (i / 256) % 256, i % 256)
@@ -37,7 +32,7 @@ fn director(endpoints: usize) -> Director {
             },
         );
     }
-    Director::new(store, Arc::new(scheduler), DirectorConfig::default())
+    director
 }
 
 /// 64 chat bodies of about `size` bytes sharing a system prompt (the first half).
@@ -78,11 +73,11 @@ fn cycle(c: &mut Criterion) {
             group.bench_function(BenchmarkId::from_parameter(id), |b| {
                 b.iter(|| {
                     i = (i + 1) % bodies.len();
-                    black_box(
-                        director
-                            .route(&info, black_box(&bodies[i]), &Subset::All)
-                            .unwrap(),
-                    )
+                    let routed = director
+                        .route(&info, black_box(&bodies[i]), &Subset::All)
+                        .unwrap();
+                    assert!(matches!(routed, Routing::Ready(_)));
+                    black_box(routed)
                 })
             });
         }

@@ -1,10 +1,11 @@
-//! Wiring: from a validated command line to running servers, and back down on shutdown.
+//! Wiring: from a resolved [`EppConfig`] to running servers, and back down on shutdown.
 //!
-//! Everything that can be checked without the network (flags, the EndpointPickerConfig, the
-//! endpoints file, TLS files) is checked before the first port is bound, so a bad start
-//! fails fast with a message. Every task runs on one [`TaskTracker`] under one
-//! [`CancellationToken`]: shutdown stops discovery and scrapers, lets the servers drain open
-//! streams, and waits for all of it.
+//! Everything that can be checked without the network (flags, the EndpointPickerConfig and its
+//! plugins, the endpoints file, TLS files) was checked by [`EppConfig::resolve`]. Here the
+//! Kubernetes client is made and every port bound before the first task is spawned, so a
+//! failed start leaves nothing running. Every task runs on one [`TaskTracker`] under one
+//! [`CancellationToken`]: shutdown stops discovery and data sources, lets the servers drain
+//! open streams, and waits for all of it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,23 +15,24 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::{Admission, ObjectiveTable, SaturationConfig};
-use crate::config::cli::{Cli, CliError, LogEncoder};
-use crate::config::{ConfigError, EndpointPickerConfig};
+use crate::config::EppConfig;
+use crate::config::cli::{Cli, LogEncoder};
+use crate::config::resolve::{DiscoveryPlan, ResolveError};
 use crate::datalayer::EndpointStore;
-use crate::datalayer::scrape::{ScrapeConfig, ScrapeError, spawn_scrapers};
-use crate::datalayer::source::{EndpointSource, FileSource, SourceError, StaticSource, parse_static};
-use crate::k8s::discovery::{KubeSource, LEGACY_GROUP, POOL_GROUP, PoolRef, parse_ports, parse_selector};
-use crate::k8s::leader::{LeaderElector, LeaseTimings, lease_name};
+use crate::datalayer::collector::{self, CollectorError};
+use crate::datalayer::discovery::{DiscoveryError, EndpointSource, StaticSource};
+use crate::framework::plugin::Named;
+use crate::framework::requestcontrol::{Dispatcher, EndpointsChanged};
+use crate::k8s::discovery::KubeSource;
+use crate::k8s::leader::{LeaderElector, lease_name};
 use crate::k8s::{self, auth::KubeAuth};
 use crate::observability::admin::{self, AdminState, MetricsAuth};
 use crate::observability::health::{HealthService, HealthState};
 use crate::observability::logging;
 use crate::observability::metrics::EppMetrics;
-use crate::protocol::ExtProcService;
 use crate::protocol::tls::{self, TlsError};
-use crate::request::{Director, DirectorConfig};
-use crate::scheduling::Scheduler;
+use crate::protocol::{ExtProcService, RequestObserver, RequestRecord};
+use crate::requestcontrol::{Director, ObjectiveTable};
 
 /// How often `--enable-cert-reload` looks at the certificate files.
 const CERT_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -38,21 +40,18 @@ const CERT_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs
 /// Why the EPP could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    /// Flags.
+    /// The configuration.
     #[error(transparent)]
-    Cli(#[from] CliError),
-    /// EndpointPickerConfig.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
+    Resolve(#[from] ResolveError),
     /// Endpoint discovery.
     #[error(transparent)]
-    Source(#[from] SourceError),
-    /// TLS material.
+    Discovery(#[from] DiscoveryError),
+    /// TLS set-up.
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
-    /// Scraping.
+    /// The data-layer collector.
     #[error(transparent)]
-    Scrape(#[from] ScrapeError),
+    Collector(#[from] CollectorError),
     /// A port could not be bound.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -67,12 +66,6 @@ pub enum AppError {
     /// Kubernetes client set-up.
     #[error(transparent)]
     Kubernetes(#[from] crate::k8s::K8sError),
-    /// Saturation thresholds.
-    #[error(transparent)]
-    Saturation(#[from] crate::admission::SaturationConfigError),
-    /// A requested feature this build does not provide.
-    #[error("{0}")]
-    Unsupported(String),
 }
 
 /// Installs logging as the flags ask.
@@ -84,68 +77,14 @@ pub fn init_logging(cli: &Cli) {
     );
 }
 
-/// The scheduler configuration the flags name (or the built-in default).
-pub fn load_config(cli: &Cli) -> Result<EndpointPickerConfig, ConfigError> {
-    match (&cli.config_file, &cli.config_text) {
-        (Some(path), _) => EndpointPickerConfig::from_file(path),
-        (None, Some(text)) => EndpointPickerConfig::from_text(text, "--config-text"),
-        (None, None) => EndpointPickerConfig::builtin_default(),
-    }
-}
-
-/// Where endpoints come from, and what else Kubernetes provides.
-struct Discovery {
-    source: Box<dyn EndpointSource>,
-    client: Option<kube::Client>,
-    objectives: Arc<ObjectiveTable>,
-}
-
-async fn discovery(cli: &Cli) -> Result<Discovery, AppError> {
-    let objectives = Arc::new(ObjectiveTable::default());
-    if let Some(list) = &cli.static_endpoints {
-        return Ok(Discovery {
-            source: Box::new(StaticSource(parse_static(list)?)),
-            client: None,
-            objectives,
-        });
-    }
-    if let Some(path) = &cli.endpoints_file {
-        return Ok(Discovery {
-            source: Box::new(FileSource::load(
-                path.clone(),
-                tokio::time::Duration::from_secs(1),
-            )?),
-            client: None,
-            objectives,
-        });
-    }
-    let pool = match (&cli.endpoint_selector, &cli.endpoint_target_ports) {
-        (Some(selector), Some(ports)) => PoolRef::Selector {
-            labels: parse_selector(selector).map_err(|e| CliError(format!("--endpoint-selector: {e}")))?,
-            ports: parse_ports(ports).map_err(|e| CliError(format!("--endpoint-target-ports: {e}")))?,
-        },
-        _ => PoolRef::Pool {
-            name: cli.pool_name.clone(),
-            group: cli.pool_group.clone(),
-        },
-    };
-    let client = k8s::client(cli.kubeconfig.as_deref()).await?;
-    Ok(Discovery {
-        source: Box::new(KubeSource::new(
-            client.clone(),
-            cli.namespace(),
-            pool,
-            objectives.clone(),
-        )),
-        client: Some(client),
-        objectives,
-    })
-}
-
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind { what, addr, source })
+/// What an embedder (the test kit) may add to the production wiring. The default adds
+/// nothing.
+#[derive(Default, Clone)]
+pub struct Hooks {
+    /// Also receives every request report.
+    pub observer: Option<Arc<dyn RequestObserver>>,
+    /// Decides when admitted requests are scheduled (nothing waits without one).
+    pub dispatcher: Option<Arc<dyn Dispatcher>>,
 }
 
 /// A running EPP.
@@ -158,8 +97,8 @@ pub struct Running {
     pub metrics_addr: SocketAddr,
     /// The endpoint store.
     pub store: Arc<EndpointStore>,
-    /// The scheduler.
-    pub scheduler: Arc<Scheduler>,
+    /// InferenceObjective priorities (filled by Kubernetes discovery).
+    pub objectives: Arc<ObjectiveTable>,
     /// Health state.
     pub health: watch::Receiver<HealthState>,
     /// The generated certificate (PEM), when TLS uses one.
@@ -189,152 +128,155 @@ impl Running {
     }
 }
 
-/// Validates, binds and starts everything.
-pub async fn start(cli: &Cli) -> Result<Running, AppError> {
-    cli.validate()?;
-    let config = load_config(cli)?;
-    let scheduler = config.build_scheduler(None)?;
-    let saturation = SaturationConfig::resolve(|k| std::env::var(k).ok(), &config.file)?;
-    if !matches!(cli.pool_group.as_str(), POOL_GROUP | LEGACY_GROUP) {
-        return Err(CliError(format!(
-            "--pool-group: '{}' is not {POOL_GROUP} or {LEGACY_GROUP}",
-            cli.pool_group
-        ))
-        .into());
-    }
-    let Discovery {
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { what, addr, source })
+}
+
+fn local(l: &TcpListener, what: &'static str, ip: std::net::IpAddr) -> Result<SocketAddr, AppError> {
+    l.local_addr().map_err(|source| AppError::Bind {
+        what,
+        addr: SocketAddr::new(ip, 0),
         source,
-        client,
-        objectives,
-    } = discovery(cli).await?;
-    let engine = cli.engine_metrics()?;
-    // TLS: the certificate from --cert-path (watched with --enable-cert-reload) or generated.
-    let tls = if !cli.secure_serving {
-        None
-    } else {
-        let pair = match &cli.cert_path {
-            Some(dir) => tls::load_pair(dir)?,
-            None => tls::self_signed()?,
-        };
-        let origin = cli
-            .cert_path
-            .as_deref()
-            .unwrap_or(std::path::Path::new("generated"));
-        let store = Arc::new(tls::CertStore::new(tls::certified_key(&pair, origin)?));
-        Some((store, pair))
-    };
-    if cli.enable_cert_reload && (tls.is_none() || cli.cert_path.is_none()) {
-        tracing::warn!("--enable-cert-reload has no effect without --cert-path and TLS");
+    })
+}
+
+/// Resolves `cli` with the process environment and starts the EPP.
+pub async fn start(cli: &Cli) -> Result<Running, AppError> {
+    let config = EppConfig::resolve(cli.clone(), &|k| std::env::var(k).ok(), None)?;
+    start_config(config, Hooks::default()).await
+}
+
+/// Reports to two observers.
+struct Both(Arc<dyn RequestObserver>, Arc<dyn RequestObserver>);
+
+impl RequestObserver for Both {
+    fn routed(&self, r: &RequestRecord) {
+        self.0.routed(r);
+        self.1.routed(r);
     }
+    fn finished(&self, r: &RequestRecord) {
+        self.0.finished(r);
+        self.1.finished(r);
+    }
+}
 
-    let grpc = bind("ext_proc", SocketAddr::new(cli.bind_address, cli.grpc_port)).await?;
-    let health_listener = bind(
-        "grpc health",
-        SocketAddr::new(cli.bind_address, cli.grpc_health_port),
-    )
-    .await?;
-    let metrics_listener = bind("metrics", SocketAddr::new(cli.bind_address, cli.metrics_port)).await?;
-    let addr = |l: &TcpListener| {
-        l.local_addr().map_err(|source| AppError::Bind {
-            what: "local address",
-            addr: SocketAddr::new(cli.bind_address, 0),
-            source,
-        })
-    };
-    let (grpc_addr, health_addr, metrics_addr) =
-        (addr(&grpc)?, addr(&health_listener)?, addr(&metrics_listener)?);
+/// Binds and starts everything `config` describes.
+pub async fn start_config(config: EppConfig, hooks: Hooks) -> Result<Running, AppError> {
+    let EppConfig {
+        cli,
+        config_origin,
+        plugins,
+        discovery,
+        director: director_config,
+        collector: collector_config,
+        tls,
+        leader,
+        pool_label,
+        namespace,
+        gauge_staleness,
+    } = config;
 
-    let store = Arc::new(EndpointStore::new());
-    let pool = if cli.pool_name.is_empty() {
-        "static".to_owned()
-    } else {
-        cli.pool_name.clone()
+    // Fallible set-up first: nothing is spawned until every port is bound.
+    let objectives = Arc::new(ObjectiveTable::default());
+    let (source, client): (Option<Box<dyn EndpointSource>>, Option<kube::Client>) = match discovery {
+        DiscoveryPlan::Static(endpoints) => (Some(Box::new(StaticSource(endpoints))), None),
+        DiscoveryPlan::File(file) => (Some(Box::new(file)), None),
+        DiscoveryPlan::Kubernetes { pool, kubeconfig } => {
+            let client = k8s::client(kubeconfig.as_deref()).await?;
+            let source = KubeSource::new(client.clone(), namespace.clone(), pool, objectives.clone());
+            (Some(Box::new(source)), Some(client))
+        }
+        DiscoveryPlan::Manual => (None, None),
     };
+    let acceptor = match &tls {
+        Some(t) => Some(tls::acceptor(t.store.clone())?),
+        None => None,
+    };
+    let ip = cli.bind_address;
+    let grpc = bind("ext_proc", SocketAddr::new(ip, cli.grpc_port)).await?;
+    let health_listener = bind("grpc health", SocketAddr::new(ip, cli.grpc_health_port)).await?;
+    let metrics_listener = bind("metrics", SocketAddr::new(ip, cli.metrics_port)).await?;
+    let grpc_addr = local(&grpc, "ext_proc", ip)?;
+    let health_addr = local(&health_listener, "grpc health", ip)?;
+    let metrics_addr = local(&metrics_listener, "metrics", ip)?;
+
+    let store = Arc::new(EndpointStore::with_hooks(plugins.store_hooks.clone()));
     let metrics = Arc::new(EppMetrics::new(
         store.clone(),
-        &pool,
-        &cli.namespace(),
-        cli.metrics_staleness_threshold,
-        scheduler.prefix_indexes().to_vec(),
+        &pool_label,
+        &namespace,
+        gauge_staleness,
+        plugins.metrics.clone(),
     ));
-    let scheduler = Arc::new(scheduler.with_observer(metrics.clone()));
-    let director = Arc::new(
-        Director::new(
-            store.clone(),
-            scheduler.clone(),
-            DirectorConfig {
-                max_body_bytes: cli.max_body_bytes,
-                max_destinations: cli.destination_limit,
-                ignore_subset_hint: cli.disable_endpoint_subset_filter,
-                staleness: Some(cli.metrics_staleness_threshold),
-            },
-        )
-        .with_admission(Admission::new(objectives, saturation)),
-    );
+    let scheduler = Arc::new(plugins.scheduler.with_observer(metrics.clone()));
+    let mut director = Director::new(
+        store.clone(),
+        scheduler,
+        director_config,
+        plugins.control,
+        objectives.clone(),
+    )
+    .with_observer(&*metrics);
+    if let Some(d) = hooks.dispatcher {
+        director = director.with_dispatcher(d);
+    }
+    let observer: Arc<dyn RequestObserver> = match hooks.observer {
+        Some(extra) => Arc::new(Both(metrics.clone(), extra)),
+        None => metrics.clone(),
+    };
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-
-    spawn_essential(
+    if let Some(source) = source {
+        spawn_essential(
+            &tracker,
+            &cancel,
+            "endpoint discovery",
+            source.run(store.clone(), cancel.clone()),
+        );
+    }
+    let collected = match collector::spawn(
+        store.clone(),
+        plugins.sources,
+        collector_config,
         &tracker,
-        &cancel,
-        "endpoint discovery",
-        source.run(store.clone(), cancel.clone()),
-    );
-    // Scrapers.
-    let mut scrape = ScrapeConfig::new(engine);
-    scrape.scheme.clone_from(&cli.model_server_metrics_scheme);
-    scrape.path.clone_from(&cli.model_server_metrics_path);
-    scrape.port = (cli.model_server_metrics_port != 0).then_some(cli.model_server_metrics_port);
-    scrape.interval = cli.refresh_metrics_interval;
-    scrape.timeout = cli.model_server_metrics_timeout;
-    scrape.insecure_skip_verify = cli.model_server_metrics_https_insecure_skip_verify;
-    scrape.name_filter = cli.model_server_metrics_name_filter;
-    scrape.dedicated_thread = true;
-    let scraped = spawn_scrapers(store.clone(), scrape, &tracker, cancel.clone())?;
+        cancel.clone(),
+    ) {
+        Ok(rx) => rx,
+        Err(e) => {
+            cancel.cancel();
+            return Err(e.into());
+        }
+    };
 
-    // Health follows discovery and the first scrape round; stateful plugins follow the set.
+    // Health follows discovery and the first collection round; stateful plugins follow the set.
     let (health_tx, health_rx) = watch::channel(HealthState {
-        leader_election: cli.ha_enable_leader_election,
+        leader_election: leader.is_some(),
         ..HealthState::default()
     });
     let (leader_tx, leader_rx) = watch::channel(false);
-    if cli.ha_enable_leader_election {
-        let Some(client) = client.clone() else {
-            return Err(CliError(
-                "--ha-enable-leader-election needs Kubernetes discovery (--pool-name or --endpoint-selector)"
-                    .into(),
-            )
-            .into());
-        };
-        let pool_id = if cli.pool_name.is_empty() {
-            standalone_id()
-        } else {
-            cli.pool_name.clone()
-        };
+    if let (Some(plan), Some(client)) = (&leader, &client) {
         let elector = LeaderElector::new(
-            kube::Api::namespaced(client, &cli.namespace()),
-            lease_name(&cli.namespace(), &pool_id),
+            kube::Api::namespaced(client.clone(), &namespace),
+            lease_name(&namespace, &plan.pool_id),
             k8s::identity(),
-            LeaseTimings {
-                lease_duration: cli.ha_lease_duration,
-                renew_deadline: cli.ha_renew_deadline,
-                retry_period: cli.ha_retry_period,
-            },
+            plan.timings,
         );
         tracker.spawn(elector.run(leader_tx, cancel.clone()));
     }
     tracker.spawn(follow_pool(
         store.clone(),
-        scheduler.clone(),
-        scraped,
+        plugins.endpoints_changed,
+        collected,
         leader_rx,
         health_tx,
         cancel.clone(),
     ));
 
     // Servers.
-    let ext_proc = ExtProcService::new(director, metrics.clone());
+    let ext_proc = ExtProcService::new(Arc::new(director), observer);
     let health_service = HealthService::new(health_rx.clone());
     let mut router = tonic::transport::Server::builder().add_service(ext_proc.into_server());
     if cli.health_checking {
@@ -342,16 +284,19 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
     }
     let mut self_signed_cert = None;
     let shutdown = cancel.clone().cancelled_owned();
-    match tls {
-        Some((store, pair)) => {
-            let acceptor = tls::acceptor(store.clone())?;
-            match &cli.cert_path {
-                None => self_signed_cert = String::from_utf8(pair.cert).ok(),
-                Some(dir) if cli.enable_cert_reload => {
-                    let watch = tls::watch(dir.clone(), store, pair, CERT_RELOAD_INTERVAL, cancel.clone());
-                    tracker.spawn(watch);
-                }
-                Some(_) => {}
+    match (tls, acceptor) {
+        (Some(t), Some(acceptor)) => {
+            if t.generated {
+                self_signed_cert = String::from_utf8(t.pair.cert.clone()).ok();
+            }
+            if let Some(dir) = t.reload {
+                tracker.spawn(tls::watch(
+                    dir,
+                    t.store.clone(),
+                    t.pair,
+                    CERT_RELOAD_INTERVAL,
+                    cancel.clone(),
+                ));
             }
             spawn_essential(
                 &tracker,
@@ -360,7 +305,7 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
                 router.serve_with_incoming_shutdown(tls::incoming(grpc, acceptor), shutdown),
             );
         }
-        None => spawn_essential(
+        _ => spawn_essential(
             &tracker,
             &cancel,
             "ext_proc server",
@@ -378,35 +323,44 @@ pub async fn start(cli: &Cli) -> Result<Running, AppError> {
                 cancel.clone().cancelled_owned(),
             ),
     );
-    {
-        let cancel = cancel.clone();
-        let auth: Option<Arc<dyn MetricsAuth>> = match (&client, cli.metrics_endpoint_auth) {
-            (Some(client), true) => Some(Arc::new(KubeAuth::new(client.clone()))),
-            (None, true) => {
-                tracing::info!("metrics endpoint auth is off for a static pool (there is no cluster to ask)");
-                None
+    let auth: Option<Arc<dyn MetricsAuth>> = match (&client, cli.metrics_endpoint_auth) {
+        (Some(client), true) => Some(Arc::new(KubeAuth::new(client.clone()))),
+        (None, true) => {
+            tracing::info!("metrics endpoint auth is off for a static pool (there is no cluster to ask)");
+            None
+        }
+        (_, false) => None,
+    };
+    let router = admin::router(AdminState {
+        metrics,
+        health: health_rx.clone(),
+        auth,
+    });
+    spawn_essential(
+        &tracker,
+        &cancel,
+        "metrics server",
+        admin::serve(metrics_listener, router, cancel.clone().cancelled_owned()),
+    );
+    let plugin_list: Vec<String> = plugins
+        .instances
+        .iter()
+        .map(|(name, ty)| {
+            if name == ty {
+                name.to_string()
+            } else {
+                format!("{name} ({ty})")
             }
-            (_, false) => None,
-        };
-        let router = admin::router(AdminState {
-            metrics,
-            health: health_rx.clone(),
-            auth,
-        });
-        spawn_essential(
-            &tracker,
-            &cancel,
-            "metrics server",
-            admin::serve(metrics_listener, router, cancel.clone().cancelled_owned()),
-        );
-    }
-    tracing::info!(%grpc_addr, %health_addr, %metrics_addr, tls = cli.secure_serving, config = %config.origin, "endpoint picker started");
+        })
+        .collect();
+    tracing::info!(%grpc_addr, %health_addr, %metrics_addr, tls = cli.secure_serving, config = %config_origin,
+        plugins = %plugin_list.join(", "), "endpoint picker started");
     Ok(Running {
         grpc_addr,
         health_addr,
         metrics_addr,
         store,
-        scheduler,
+        objectives,
         health: health_rx,
         self_signed_cert,
         cancel,
@@ -434,19 +388,26 @@ fn spawn_essential<E: std::fmt::Display>(
 /// Keeps health and stateful plugins in step with the pool.
 async fn follow_pool(
     store: Arc<EndpointStore>,
-    scheduler: Arc<Scheduler>,
-    mut scraped: watch::Receiver<bool>,
+    hooks: Vec<Named<dyn EndpointsChanged>>,
+    mut collected: watch::Receiver<bool>,
     mut leader: watch::Receiver<bool>,
     health: watch::Sender<HealthState>,
     cancel: CancellationToken,
 ) {
     let mut changes = store.subscribe();
     let mut leader_live = true;
+    let mut collected_live = true;
+    let mut generation = None;
     loop {
         let snapshot = store.load();
         changes.mark_unchanged();
-        scheduler.endpoints_changed(&snapshot);
-        let done = *scraped.borrow_and_update();
+        if generation != Some(snapshot.generation()) {
+            generation = Some(snapshot.generation());
+            for hook in &hooks {
+                hook.plugin.endpoints_changed(snapshot.endpoints());
+            }
+        }
+        let done = *collected.borrow_and_update();
         let leading = *leader.borrow_and_update();
         health.send_if_modified(|h| {
             let next = HealthState {
@@ -471,20 +432,10 @@ async fn follow_pool(
         tokio::select! {
             () = cancel.cancelled() => return,
             r = changes.changed() => if r.is_err() { return },
-            r = scraped.changed() => if r.is_err() { return },
+            // The collector lets go of readiness once it is reached.
+            r = collected.changed(), if collected_live => if r.is_err() { collected_live = false },
             // Without leader election nobody holds the sender: stop watching it.
             r = leader.changed(), if leader_live => if r.is_err() { leader_live = false },
         }
-    }
-}
-
-/// A lease id for standalone mode: the Deployment part of `$POD_NAME` (`name-<rs>-<pod>`), as
-/// the reference derives it, else `standalone`.
-fn standalone_id() -> String {
-    let pod = std::env::var("POD_NAME").unwrap_or_default();
-    let parts: Vec<&str> = pod.rsplitn(3, '-').collect();
-    match parts.as_slice() {
-        [_, _, deployment] if !deployment.is_empty() => (*deployment).to_owned(),
-        _ => "standalone".to_owned(),
     }
 }

@@ -8,26 +8,31 @@
 //!
 //! Modules, one concern each:
 //! * [`protocol`]: the ext_proc stream state machine and wire messages;
-//! * [`request`]: request parsing and the director that turns a request into a decision;
-//! * [`config`]: the EndpointPickerConfig, validated once at start-up;
-//! * [`scheduling`]: profiles, filters, scorers, pickers;
-//! * [`prefix`]: the approximate prefix-cache index;
-//! * [`datalayer`]: endpoints and their metrics, published as snapshots;
+//! * [`request`]: request headers and body parsing;
+//! * [`requestcontrol`]: the director's pipeline (admission, dispatch, producers, scheduling,
+//!   pre-request) and InferenceObjective priorities;
+//! * [`config`]: flags, environment and the EndpointPickerConfig, resolved once at start-up;
+//! * [`framework`]: the plugin contracts and the typed data plugins share;
+//! * [`plugins`]: the in-tree plugins and their factory;
+//! * [`scheduling`]: profiles and the scheduler;
+//! * [`datalayer`]: endpoints and their attributes, published as snapshots, and the
+//!   collector that runs data sources;
 //! * [`k8s`]: InferencePool/pod/objective discovery, leader election, metrics auth;
-//! * [`admission`]: shedding sheddable requests when the pool is saturated;
-//! * [`observability`]: metrics, health, logs.
+//! * [`observability`]: metrics, health, logs;
+//! * [`app`]: the wiring.
 //!
 //! The simulated vLLM server the tests and benchmarks use is its own crate, `vllm-sim`.
 
 #![forbid(unsafe_code)]
 
-pub mod admission;
 pub mod app;
 pub mod config;
 pub mod datalayer;
+pub mod framework;
 pub mod k8s;
 pub mod observability;
-pub mod prefix;
+pub mod plugins;
 pub mod protocol;
 pub mod request;
+pub mod requestcontrol;
 pub mod scheduling;

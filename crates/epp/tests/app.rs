@@ -68,7 +68,7 @@ async fn wait_serving(addr: SocketAddr) {
 async fn wait_metrics(epp: &Running, pred: impl Fn(&endpoint_picker::datalayer::Metrics) -> bool) {
     for _ in 0..250 {
         let snap = epp.store.load();
-        if !snap.endpoints().is_empty() && snap.endpoints().iter().all(|e| pred(&e.metrics)) {
+        if !snap.endpoints().is_empty() && snap.endpoints().iter().all(|e| pred(e.metrics())) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

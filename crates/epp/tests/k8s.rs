@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use endpoint_picker::admission::{ObjectiveTable, PriorityLookup};
 use endpoint_picker::datalayer::EndpointStore;
-use endpoint_picker::datalayer::source::EndpointSource;
+use endpoint_picker::datalayer::discovery::EndpointSource;
 use endpoint_picker::k8s::discovery::{KubeSource, POOL_GROUP, PoolRef};
+use endpoint_picker::requestcontrol::{ObjectiveTable, PriorityLookup};
 use epp_testkit::apiserver::FakeApiServer;
 use epp_testkit::e2e::*;
 use serde_json::{Value, json};

@@ -250,7 +250,10 @@ fn epp_args_are_the_reference_examples() {
     .unwrap();
     cli.validate().unwrap();
     assert_eq!(cli.pool_name, "mistral");
-    assert_eq!(cli.namespace(), "default");
+    assert_eq!(
+        endpoint_picker::config::resolve::namespace(&cli, &|_| None),
+        "default"
+    );
     assert_eq!(
         (cli.grpc_port, cli.grpc_health_port, cli.metrics_port),
         (9002, 9003, 9090)

@@ -3,7 +3,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use endpoint_picker::datalayer::{LoraInfo, Metrics};
-use endpoint_picker::request::DirectorConfig;
 use envoy_types::pb::envoy::config::core::v3::Metadata;
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use epp_testkit::extproc::*;
@@ -11,7 +10,7 @@ use epp_testkit::extproc::*;
 const PROMPT_BODY: &str = r#"{"max_tokens":100,"model":"my-model","prompt":"test1","temperature":0}"#;
 
 async fn seed_epp() -> Epp {
-    start(SEED_CONFIG, DirectorConfig::default()).await
+    start(SEED_CONFIG, &[]).await
 }
 
 #[tokio::test]
@@ -98,7 +97,7 @@ schedulingProfiles:
   - pluginRef: lora-affinity-scorer
     weight: 2
 ";
-    let epp = start(config, DirectorConfig::default()).await;
+    let epp = start(config, &[]).await;
     epp.set_pool(&[("10.0.0.1:8000", 0, 0.1), ("10.0.0.2:8000", 0, 0.6)]);
     let lora = |active: &[&str], max| Metrics {
         kv_cache_usage: 0.6,
@@ -456,7 +455,7 @@ schedulingProfiles:
   - pluginRef: queue-scorer
   - pluginRef: max-score-picker
 ";
-    let epp = start(config, DirectorConfig::default()).await;
+    let epp = start(config, &[]).await;
     epp.set_pool(&[
         ("10.0.0.1:8000", 6, 0.0),
         ("10.0.0.2:8000", 0, 0.0),
@@ -467,14 +466,7 @@ schedulingProfiles:
     assert_eq!(destination(&r), "10.0.0.2:8000,[fd00::9]:8000,10.0.0.1:8000");
 
     // A gateway that takes exactly one endpoint (ORIGINAL_DST) gets one.
-    let one = start(
-        config,
-        DirectorConfig {
-            max_destinations: Some(1),
-            ..DirectorConfig::default()
-        },
-    )
-    .await;
+    let one = start(config, &["--destination-limit=1"]).await;
     one.set_pool(&[("10.0.0.1:8000", 6, 0.0), ("10.0.0.2:8000", 0, 0.0)]);
     let (r, _) = chat(&one, &chat_body("m", "hi"), &[]).await;
     assert_eq!(destination(&r), "10.0.0.2:8000");
@@ -514,14 +506,7 @@ async fn model_rewrite_splices_the_body_and_keeps_everything_else() {
 
 #[tokio::test]
 async fn oversized_body_is_a_413_not_an_oom() {
-    let epp = start(
-        SEED_CONFIG,
-        DirectorConfig {
-            max_body_bytes: 100_000,
-            ..DirectorConfig::default()
-        },
-    )
-    .await;
+    let epp = start(SEED_CONFIG, &["--max-body-bytes=100000"]).await;
     epp.set_pool(&[("10.0.0.1:8000", 0, 0.0)]);
     let mut c = epp.open().await;
     c.send(request_headers(&post("/v1/completions"), false)).await;
@@ -583,7 +568,7 @@ schedulingProfiles:
   plugins:
   - pluginRef: header-based-testing-filter
 ";
-    let epp = start(config, DirectorConfig::default()).await;
+    let epp = start(config, &[]).await;
     epp.set_pool(&[("10.0.0.1:3000", 0, 0.0), ("10.0.0.2:3000", 0, 0.0)]);
     let body =
         r#"{"model":"conformance-fake-model","prompt":"Write as if you were a critic: San Francisco"}"#;
@@ -618,12 +603,10 @@ async fn out_of_order_and_unsupported_modes_are_errors() {
 
 #[tokio::test]
 async fn sheddable_requests_get_429_only_when_the_pool_is_saturated() {
-    use endpoint_picker::admission::{Admission, ObjectiveTable, SaturationConfig};
-    let objectives = std::sync::Arc::new(ObjectiveTable::default());
-    objectives.replace([("batch".to_owned(), -1), ("chat".to_owned(), 5)].into());
-    let admission = Admission::new(objectives, SaturationConfig::default());
-    let epp = start_with(SEED_CONFIG, DirectorConfig::default(), Some(admission)).await;
-    // Every endpoint over the queue threshold (5): saturated.
+    let epp = start(SEED_CONFIG, &[]).await;
+    epp.objectives
+        .replace([("batch".to_owned(), -1), ("chat".to_owned(), 5)].into());
+    // Every endpoint over the queue threshold (5): saturation (9/5 + 7/5) / 2 = 1.6.
     epp.set_pool(&[("10.0.0.1:8000", 9, 0.5), ("10.0.0.2:8000", 7, 0.9)]);
     let body = chat_body("m", "hi");
     let (r, _) = chat(&epp, &body, &[("x-gateway-inference-objective", "batch")]).await;
@@ -639,10 +622,44 @@ async fn sheddable_requests_get_429_only_when_the_pool_is_saturated() {
     assert_eq!(destination(&r), "10.0.0.2:8000");
     let (r, _) = chat(&epp, &body, &[]).await;
     destination(&r);
-    // One endpoint with room: the sheddable request goes through.
-    epp.set_pool(&[("10.0.0.1:8000", 2, 0.5), ("10.0.0.2:8000", 7, 0.9)]);
+    // Room left on average (max(2/5, 0.5/0.8) and max(5/5, 0.5/0.8): 0.81): it goes through.
+    epp.set_pool(&[("10.0.0.1:8000", 2, 0.5), ("10.0.0.2:8000", 5, 0.5)]);
     let (r, _) = chat(&epp, &body, &[("x-gateway-inference-objective", "batch")]).await;
     assert_eq!(destination(&r), "10.0.0.1:8000");
+}
+
+/// A `utilization-detector` referenced as the saturation detector acts with its parameters:
+/// pods at queue 6 are below its threshold of 8, so a sheddable request is admitted, where the
+/// default threshold of 5 would shed it.
+#[tokio::test]
+async fn the_referenced_utilization_detector_uses_its_thresholds() {
+    let config = "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- name: detector
+  type: utilization-detector
+  parameters: {queueDepthThreshold: 8}
+saturationDetector:
+  pluginRef: detector
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+";
+    let body = chat_body("m", "hi");
+    let sheddable = [("x-gateway-inference-objective", "batch")];
+    for (config, admitted) in [(config, true), (SEED_CONFIG, false)] {
+        let epp = start(config, &[]).await;
+        epp.objectives.replace([("batch".to_owned(), -1)].into());
+        epp.set_pool(&[("10.0.0.1:8000", 6, 0.1), ("10.0.0.2:8000", 6, 0.1)]);
+        let (r, _) = chat(&epp, &body, &sheddable).await;
+        if admitted {
+            destination(&r);
+        } else {
+            assert_eq!(immediate(&r).0, 429);
+        }
+    }
 }
 
 #[tokio::test]
@@ -662,9 +679,13 @@ async fn a_request_counts_against_its_endpoint_until_its_response_completes() {
             },
         );
     }
+    let load = endpoint_picker::framework::data::DataKey::<
+        endpoint_picker::framework::attributes::InFlightLoad,
+    >::named("inflight-load-producer");
     let unscraped = |addr: &str| {
         let snap = epp.store.load();
-        snap.find(addr.parse().unwrap()).unwrap().unscraped_tokens()
+        let state = snap.find(addr.parse().unwrap()).unwrap();
+        state.get(load).unwrap().tokens_since_scrape()
     };
     // About 1,000 prompt tokens each, all different: no prefix is shared.
     let body = |i: usize| chat_body("m", &format!("request {i}: {}", "word ".repeat(800)));

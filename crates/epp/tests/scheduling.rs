@@ -7,28 +7,25 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
-use endpoint_picker::config::{DEFAULT_CONFIG, EndpointPickerConfig};
-use endpoint_picker::datalayer::{Endpoint, EndpointStore, Metrics};
-use endpoint_picker::request::{Director, DirectorConfig, RequestHeaders, RequestInfo, Subset};
+use endpoint_picker::config::DEFAULT_CONFIG;
+use endpoint_picker::datalayer::{Endpoint, Metrics};
+use endpoint_picker::request::RequestHeaders;
+use endpoint_picker::requestcontrol::{Director, RequestInfo, Subset};
+use epp_testkit::director::ready;
 
 const SEED: &str = include_str!("../../../config/default-plugins.yaml");
 const PODS: usize = 4;
 
 fn director(config: &str, seed: u64) -> Director {
-    let scheduler = EndpointPickerConfig::from_text(config, "test")
-        .unwrap()
-        .build_scheduler(Some(seed))
-        .unwrap();
-    let store = Arc::new(EndpointStore::new());
+    let (director, store) = epp_testkit::director::director(config, seed);
     store.set_endpoints(
         (0..PODS).map(|i| Endpoint::from_address(format!("10.0.0.{}:8000", i + 1).parse().unwrap())),
     );
     for e in store.load().endpoints() {
         store.update_metrics(&e.endpoint, Metrics::default());
     }
-    Director::new(store, Arc::new(scheduler), DirectorConfig::default())
+    director
 }
 
 fn info() -> RequestInfo {
@@ -49,7 +46,7 @@ fn chat(system: &str, question: &str) -> Vec<u8> {
 }
 
 fn pick(d: &Director, body: &[u8]) -> String {
-    d.route(&info(), body, &Subset::All).unwrap().destinations
+    ready(d.route(&info(), body, &Subset::All).unwrap()).destinations
 }
 
 #[test]

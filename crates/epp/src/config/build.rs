@@ -1,51 +1,244 @@
-//! Plugin instantiation, the reference's defaulting rules, and profile validation.
+//! From the document to running plugins: instantiation, producer bindings, the reference's
+//! defaulting rules, and validation. Everything here runs before any port is bound.
 //!
-//! Defaulting follows the reference (v1.0 baseline, v1.3+ where it fixed bugs), made
-//! deterministic where the reference depends on Go map order:
+//! Defaulting follows the reference (GIE v1.0 baseline, v1.3+ where it fixed bugs, llm-d-router
+//! v0.10 where they disagree), made deterministic where the reference depends on Go map order:
 //! 1. a plugin without `name` is named after its `type`;
-//! 2. no profiles → one profile `default` with every filter, scorer and picker, in the order
+//! 2. consumers are bound to producers (see [`crate::plugins::consumes`]); a missing producer
+//!    a consumer needs is added under its type name, with the parameters an older consumer
+//!    carried for it;
+//! 3. no profiles → one profile `default` with every filter, scorer and picker, in the order
 //!    of `plugins`;
-//! 3. one profile and no profile handler → `single-profile-handler` is added;
-//! 4. the default picker is the first picker in `plugins`, else a new `max-score-picker`;
-//! 5. in each profile a scorer without weight gets 1 (also after the picker), and a profile
-//!    without picker gets the default picker.
+//! 4. one profile and no profile handler → `single-profile-handler` is added;
+//! 5. the default picker is the first picker in `plugins`, else a new `max-score-picker`;
+//! 6. in each profile a scorer without weight gets 1 (also after the picker), and a profile
+//!    without picker gets the default picker;
+//! 7. the saturation detector, parsers and data layer follow (see [`super::datalayer`]).
+//!
+//! A plugin that ends up with no part to play (not in a profile, not referenced, not a
+//! producer) is refused: it would be accepted and then ignored.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use super::datalayer::{self, DataPlan};
+use super::gates::FeatureGates;
 use super::{ConfigError, ConfigErrorKind, EndpointPickerConfig};
-use crate::scheduling::plugins::{self, PluginError};
-use crate::scheduling::{
-    EndpointsChanged, Filter, Named, Picker, PluginHandle, PreRequest, Profile, ProfileHandler, Scheduler,
-    WeightedScorer,
-};
+use crate::datalayer::StoreHook;
+use crate::datalayer::collector::Sources;
+use crate::framework::plugin::{DataKind, Named, PluginMetrics, PluginRoles};
+use crate::framework::requestcontrol::{EndpointsChanged, SaturationDetector};
+use crate::framework::scheduling::{Filter, Picker, ProfileHandler};
+use crate::plugins::{self, BuildContext, Defaults, Need, PluginError};
+use crate::requestcontrol::RequestControl;
+use crate::scheduling::{Profile, Scheduler, WeightedScorer};
 
 /// A profile as written: name and `(pluginRef, weight)` entries.
 type ProfileEntries = (String, Vec<(String, Option<f64>)>);
 
-struct Instance {
-    name: Arc<str>,
-    type_name: Arc<str>,
-    handle: PluginHandle,
+/// Everything the configuration builds.
+pub struct PluginSet {
+    /// The scheduler (profiles and handler).
+    pub scheduler: Scheduler,
+    /// The director's plugins.
+    pub control: RequestControl,
+    /// Plugins told about endpoint-set changes.
+    pub endpoints_changed: Vec<Named<dyn EndpointsChanged>>,
+    /// Data sources and their extractors.
+    pub sources: Sources,
+    /// Plugins keeping per-endpoint state in the snapshot.
+    pub store_hooks: Vec<Arc<dyn StoreHook>>,
+    /// Plugin-owned metric families.
+    pub metrics: PluginMetrics,
+    /// The feature gates.
+    pub gates: FeatureGates,
+    /// Every instance, `(name, type)`, in configuration order then added ones.
+    pub instances: Vec<(Arc<str>, Arc<str>)>,
 }
 
-fn named<T: ?Sized>(inst: &Instance, plugin: &Arc<T>) -> Named<T> {
-    Named::new(inst.name.clone(), inst.type_name.clone(), plugin.clone())
+impl std::fmt::Debug for PluginSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginSet")
+            .field("scheduler", &self.scheduler)
+            .field("control", &self.control)
+            .field("instances", &self.instances)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One plugin entry before instantiation.
+#[derive(Debug, Clone)]
+pub(super) struct Spec {
+    pub name: String,
+    pub type_name: String,
+    pub params: serde_yaml::Value,
+    /// Added by the defaulting rules rather than written.
+    pub implicit: bool,
+    pub bindings: BTreeMap<DataKind, String>,
+}
+
+/// One instantiated plugin.
+pub(super) struct Instance {
+    pub name: Arc<str>,
+    pub type_name: Arc<str>,
+    pub roles: PluginRoles,
+    pub implicit: bool,
+    /// Whether something uses it (set while wiring).
+    pub used: bool,
+}
+
+impl Instance {
+    pub fn named<T: ?Sized>(&self, plugin: &Arc<T>) -> Named<T> {
+        Named::new(self.name.clone(), self.type_name.clone(), plugin.clone())
+    }
 }
 
 impl EndpointPickerConfig {
-    /// Instantiates the plugins and builds the scheduler. `seed` fixes tie-breaks (tests).
-    pub fn build_scheduler(&self, seed: Option<u64>) -> Result<Scheduler, ConfigError> {
-        let file = &self.file;
-        // In v1.5 configs the prefix parameters sit on the producer; the scorer takes them.
-        let producer_params = file
-            .plugins
-            .iter()
-            .find(|p| p.type_name == "approx-prefix-cache-producer")
-            .map(|p| &p.parameters);
+    pub(super) fn error(&self, kind: ConfigErrorKind) -> ConfigError {
+        ConfigError {
+            origin: self.origin.clone(),
+            kind,
+        }
+    }
 
-        let mut instances: Vec<Instance> = Vec::with_capacity(file.plugins.len() + 2);
-        for (index, spec) in file.plugins.iter().enumerate() {
+    fn plugin_error(&self, name: &str, type_name: &str, source: PluginError) -> ConfigError {
+        self.error(ConfigErrorKind::Plugin {
+            name: name.to_owned(),
+            type_name: type_name.to_owned(),
+            source,
+        })
+    }
+
+    /// Builds every plugin with `defaults`; `seed` fixes tie-breaks (tests).
+    pub fn build(&self, defaults: &Defaults, seed: Option<u64>) -> Result<PluginSet, ConfigError> {
+        let gates = FeatureGates::parse(&self.file.feature_gates)
+            .map_err(|e| self.error(ConfigErrorKind::Gate(e)))?;
+        let mut defaults = defaults.clone();
+        defaults.extractor.legacy_freshness |= gates.legacy_metrics;
+        self.check_unsupported()?;
+        let mut specs = self.specs()?;
+        self.bind(&mut specs)?;
+        let metrics = PluginMetrics::default();
+        let mut instances = Vec::with_capacity(specs.len() + 4);
+        for spec in &specs {
+            instances.push(self.instantiate(spec, &defaults, &metrics)?);
+        }
+        let scheduler = self.scheduling(&mut instances, &defaults, &metrics, seed)?;
+        let saturation = self.saturation_detector(&mut instances, &defaults, &metrics)?;
+        self.parsers(&mut instances, &defaults, &metrics)?;
+        let DataPlan { sources } = datalayer::plan(self, &mut instances, &defaults, &metrics)?;
+
+        let mut control = RequestControl {
+            saturation,
+            producers: Vec::new(),
+            pre_request: Vec::new(),
+        };
+        let mut endpoints_changed = Vec::new();
+        let mut store_hooks: Vec<Arc<dyn StoreHook>> = Vec::new();
+        for inst in &mut instances {
+            let r = &inst.roles;
+            if let Some(p) = &r.producer {
+                control.producers.push(inst.named(p));
+                inst.used = true;
+            }
+            if let Some(p) = &r.pre_request {
+                control.pre_request.push(inst.named(p));
+                inst.used = true;
+            }
+            if let Some(p) = &r.endpoints_changed {
+                endpoints_changed.push(inst.named(p));
+            }
+            if let Some(h) = &r.store_hook {
+                store_hooks.push(h.clone());
+            }
+        }
+        if let Some(idle) = instances.iter().find(|i| !i.used) {
+            return Err(self.error(ConfigErrorKind::Unused {
+                name: idle.name.to_string(),
+                type_name: idle.type_name.to_string(),
+                roles: idle.roles.role_names().join(", "),
+            }));
+        }
+        Ok(PluginSet {
+            scheduler,
+            control,
+            endpoints_changed,
+            sources,
+            store_hooks,
+            metrics,
+            gates,
+            instances: instances
+                .iter()
+                .map(|i| (i.name.clone(), i.type_name.clone()))
+                .collect(),
+        })
+    }
+
+    /// The scheduler alone, with flag defaults for everything else (tests and benches).
+    pub fn build_scheduler(&self, seed: Option<u64>) -> Result<Scheduler, ConfigError> {
+        Ok(self.build(&Defaults::builtin(), seed)?.scheduler)
+    }
+
+    /// Sections this EPP reads but cannot act on yet are refused by name.
+    fn check_unsupported(&self) -> Result<(), ConfigError> {
+        let f = &self.file;
+        let refuse = |field: String, why: &str| {
+            Err(self.error(ConfigErrorKind::Unsupported {
+                field,
+                why: why.to_owned(),
+            }))
+        };
+        if let Some(fc) = &f.flow_control
+            && let Some(field) = fc.settings().first()
+        {
+            return refuse(
+                format!("flowControl.{field}"),
+                "flow control (queueing in the picker) is not built yet, and the reference ignores these settings without the flowControl feature gate; remove them (flowControl.saturationDetector is supported)",
+            );
+        }
+        if let Some(sd) = f
+            .flow_control
+            .as_ref()
+            .and_then(|fc| fc.saturation_detector.as_ref())
+            && sd.has_thresholds()
+        {
+            return refuse(
+                "flowControl.saturationDetector".into(),
+                "only pluginRef is allowed here; set thresholds as the detector plugin's parameters",
+            );
+        }
+        if f.data.is_some() && f.data_layer.is_some() {
+            return refuse(
+                "data".into(),
+                "both data (GIE v1.3–v1.4) and dataLayer (v1.5+) are set; keep dataLayer",
+            );
+        }
+        if let Some(dl) = f.data_layer.as_ref().or(f.data.as_ref()) {
+            if dl.discovery.is_some() {
+                return refuse(
+                    "dataLayer.discovery".into(),
+                    "endpoint discovery plugins are not supported; use --static-endpoints, --endpoints-file or Kubernetes discovery",
+                );
+            }
+            if dl.cross_replica_syncer_plugin_ref.is_some() || dl.cross_replica_sync_interval.is_some() {
+                return refuse(
+                    "dataLayer.crossReplicaSyncerPluginRef".into(),
+                    "cross-replica state sync is not supported: each replica keeps its own state",
+                );
+            }
+        }
+        if f.parser.is_some() && f.request_handler.as_ref().is_some_and(|r| !r.parsers.is_empty()) {
+            tracing::info!(
+                "both parser (deprecated) and requestHandler.parsers are set; requestHandler.parsers is used, as llm-d-router v0.10 does"
+            );
+        }
+        Ok(())
+    }
+
+    /// Named, checked entries of `plugins`.
+    fn specs(&self) -> Result<Vec<Spec>, ConfigError> {
+        let mut specs: Vec<Spec> = Vec::with_capacity(self.file.plugins.len());
+        for (index, spec) in self.file.plugins.iter().enumerate() {
             let name = spec.name.clone().filter(|n| !n.is_empty());
             if spec.type_name.is_empty() {
                 return Err(self.error(ConfigErrorKind::MissingType {
@@ -54,24 +247,203 @@ impl EndpointPickerConfig {
                 }));
             }
             let name = name.unwrap_or_else(|| spec.type_name.clone());
-            if instances.iter().any(|i| *i.name == *name) {
+            if specs.iter().any(|s| s.name == name) {
                 return Err(self.error(ConfigErrorKind::DuplicatePlugin(name)));
             }
-            let params = match (spec.type_name.as_str(), producer_params) {
-                ("prefix-cache-scorer", Some(p)) if spec.parameters.is_null() => p,
-                _ => &spec.parameters,
-            };
-            let handle = plugins::build(&spec.type_name, params)
-                .map_err(|source| self.plugin_error(&name, &spec.type_name, source))?;
-            instances.push(Instance {
-                name: name.into(),
-                type_name: spec.type_name.as_str().into(),
-                handle,
+            if !plugins::KNOWN_TYPES.contains(&spec.type_name.as_str()) {
+                return Err(self.plugin_error(
+                    &name,
+                    &spec.type_name,
+                    PluginError::UnknownType(spec.type_name.clone()),
+                ));
+            }
+            specs.push(Spec {
+                name,
+                type_name: spec.type_name.clone(),
+                params: spec.parameters.clone(),
+                implicit: false,
+                bindings: BTreeMap::new(),
             });
         }
-        self.check_section_refs(&instances)?;
+        Ok(specs)
+    }
 
-        // Profiles as written, or the default one.
+    /// Binds every consumer to its producers, adding producers consumers need. Needs that add
+    /// producers are settled first, so that an optional need sees every producer.
+    fn bind(&self, specs: &mut Vec<Spec>) -> Result<(), ConfigError> {
+        for optional in [false, true] {
+            let mut i = 0;
+            while i < specs.len() {
+                for need in plugins::consumes(&specs[i].type_name) {
+                    if (need.need == Need::IfPresent) == optional {
+                        self.bind_one(specs, i, need)?;
+                    }
+                }
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn bind_one(&self, specs: &mut Vec<Spec>, i: usize, need: &plugins::Consumes) -> Result<(), ConfigError> {
+        {
+            {
+                let consumer = specs[i].name.clone();
+                let err = |detail: String| {
+                    self.error(ConfigErrorKind::Producer {
+                        consumer: consumer.clone(),
+                        kind: need.kind.name(),
+                        detail,
+                    })
+                };
+                let named = need
+                    .param
+                    .and_then(|p| specs[i].params.get(p))
+                    .and_then(serde_yaml::Value::as_str)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned);
+                let handed = plugins::handed_to_producer(&specs[i].type_name)
+                    .filter(|(kind, _)| *kind == need.kind)
+                    .map(|(_, keys)| pick(&specs[i].params, keys))
+                    .filter(|p| !p.is_empty());
+                let handed_names = || {
+                    handed
+                        .iter()
+                        .flat_map(|m| m.keys())
+                        .filter_map(serde_yaml::Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let producers: Vec<&Spec> = specs
+                    .iter()
+                    .filter(|s| plugins::produces(&s.type_name).contains(&need.kind))
+                    .collect();
+                enum Bind {
+                    To(String),
+                    Add,
+                    Nothing,
+                }
+                let bind = match (named, producers.as_slice()) {
+                    (Some(n), _) if !producers.iter().any(|p| p.name == n) => {
+                        return Err(err(format!("'{n}' is not a plugin producing it")));
+                    }
+                    (Some(n), _) if handed.is_some() => {
+                        return Err(err(format!(
+                            "its parameters {} configure the producer: set them on '{n}'",
+                            handed_names()
+                        )));
+                    }
+                    (Some(n), _) => Bind::To(n),
+                    (None, []) => match need.need {
+                        Need::Auto { .. } => Bind::Add,
+                        Need::IfPresent => Bind::Nothing,
+                    },
+                    (None, [one]) => match &handed {
+                        None => Bind::To(one.name.clone()),
+                        Some(h) if one.implicit && one.params.as_mapping() == Some(h) => {
+                            Bind::To(one.name.clone())
+                        }
+                        Some(_) if one.implicit => Bind::Add,
+                        Some(_) => {
+                            return Err(err(format!(
+                                "its parameters {} configure the producer: set them on '{}'",
+                                handed_names(),
+                                one.name
+                            )));
+                        }
+                    },
+                    (None, many) => {
+                        let names: Vec<&str> = many.iter().map(|p| p.name.as_str()).collect();
+                        let param = need.param.unwrap_or("a producer name");
+                        return Err(err(format!(
+                            "several plugins produce it ({}); set {param}",
+                            names.join(", ")
+                        )));
+                    }
+                };
+                let bound = match bind {
+                    Bind::To(n) => Some(n),
+                    Bind::Nothing => None,
+                    Bind::Add => {
+                        let Need::Auto { default } = need.need else {
+                            return Ok(());
+                        };
+                        let name = if specs.iter().any(|s| s.name == default) {
+                            format!("{consumer}/{default}")
+                        } else {
+                            default.to_owned()
+                        };
+                        specs.push(Spec {
+                            name: name.clone(),
+                            type_name: default.to_owned(),
+                            params: handed
+                                .clone()
+                                .map_or(serde_yaml::Value::Null, serde_yaml::Value::Mapping),
+                            implicit: true,
+                            bindings: BTreeMap::new(),
+                        });
+                        Some(name)
+                    }
+                };
+                if let Some(b) = bound {
+                    specs[i].bindings.insert(need.kind, b);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn instantiate(
+        &self,
+        spec: &Spec,
+        defaults: &Defaults,
+        metrics: &PluginMetrics,
+    ) -> Result<Instance, ConfigError> {
+        let ctx = BuildContext {
+            name: &spec.name,
+            defaults,
+            metrics,
+            bindings: &spec.bindings,
+        };
+        let roles = plugins::build(&spec.type_name, &spec.params, &ctx)
+            .map_err(|source| self.plugin_error(&spec.name, &spec.type_name, source))?;
+        Ok(Instance {
+            name: spec.name.as_str().into(),
+            type_name: spec.type_name.as_str().into(),
+            roles,
+            implicit: spec.implicit,
+            used: false,
+        })
+    }
+
+    /// A plugin the defaulting rules add, named after its type.
+    pub(super) fn implicit(
+        &self,
+        type_name: &str,
+        defaults: &Defaults,
+        metrics: &PluginMetrics,
+    ) -> Result<Instance, ConfigError> {
+        self.instantiate(
+            &Spec {
+                name: type_name.to_owned(),
+                type_name: type_name.to_owned(),
+                params: serde_yaml::Value::Null,
+                implicit: true,
+                bindings: BTreeMap::new(),
+            },
+            defaults,
+            metrics,
+        )
+    }
+
+    fn scheduling(
+        &self,
+        instances: &mut Vec<Instance>,
+        defaults: &Defaults,
+        metrics: &PluginMetrics,
+        seed: Option<u64>,
+    ) -> Result<Scheduler, ConfigError> {
+        let file = &self.file;
         let mut profile_specs: Vec<ProfileEntries> = file
             .scheduling_profiles
             .iter()
@@ -87,12 +459,11 @@ impl EndpointPickerConfig {
         if profile_specs.is_empty() {
             let refs = instances
                 .iter()
-                .filter(|i| i.handle.is_profile_member())
+                .filter(|i| !i.implicit && i.roles.is_profile_member())
                 .map(|i| (i.name.to_string(), None))
                 .collect();
             profile_specs.push(("default".to_owned(), refs));
         }
-
         for (index, (name, _)) in profile_specs.iter().enumerate() {
             if name.is_empty() {
                 return Err(self.error(ConfigErrorKind::EmptyProfileName(index)));
@@ -101,70 +472,20 @@ impl EndpointPickerConfig {
                 return Err(self.error(ConfigErrorKind::DuplicateProfile(name.clone())));
             }
         }
-        let handler = self.profile_handler(&mut instances, profile_specs.len())?;
-
-        let default_picker = match instances
-            .iter()
-            .find_map(|i| i.handle.picker.as_ref().map(|p| named(i, p)))
-        {
-            Some(p) => p,
+        let handler = self.profile_handler(instances, profile_specs.len(), defaults, metrics)?;
+        let default_picker = match instances.iter().position(|i| i.roles.picker.is_some()) {
+            Some(i) => i,
             None => {
-                let inst = self.implicit("max-score-picker")?;
-                let Some(picker) = inst.handle.picker.as_ref().map(|p| named(&inst, p)) else {
-                    return Err(self.error(ConfigErrorKind::ProfileHandler(
-                        "max-score-picker has no picker role".into(),
-                    )));
-                };
+                let inst = self.implicit(plugins::DEFAULT_PICKER, defaults, metrics)?;
                 instances.push(inst);
-                picker
+                instances.len() - 1
             }
         };
-
-        let by_name: HashMap<&str, &Instance> = instances.iter().map(|i| (&*i.name, i)).collect();
         let mut profiles: Vec<Profile> = Vec::with_capacity(profile_specs.len());
         for (name, refs) in &profile_specs {
-            profiles.push(self.profile(name, refs, &by_name, &default_picker)?);
+            profiles.push(self.profile(name, refs, instances, default_picker)?);
         }
-
-        let pre_request: Vec<Named<dyn PreRequest>> = instances
-            .iter()
-            .filter_map(|i| i.handle.pre_request.as_ref().map(|p| named(i, p)))
-            .collect();
-        let endpoints_changed: Vec<Arc<dyn EndpointsChanged>> = instances
-            .iter()
-            .filter_map(|i| i.handle.endpoints_changed.clone())
-            .collect();
-        let prefix_indexes = instances
-            .iter()
-            .filter_map(|i| i.handle.prefix_index.clone())
-            .collect();
-        Ok(Scheduler::new(
-            profiles,
-            handler,
-            pre_request,
-            endpoints_changed,
-            prefix_indexes,
-            seed,
-        ))
-    }
-
-    fn plugin_error(&self, name: &str, type_name: &str, source: PluginError) -> ConfigError {
-        self.error(ConfigErrorKind::Plugin {
-            name: name.to_owned(),
-            type_name: type_name.to_owned(),
-            source,
-        })
-    }
-
-    /// A plugin the defaulting rules add, named after its type.
-    fn implicit(&self, type_name: &str) -> Result<Instance, ConfigError> {
-        let handle = plugins::build(type_name, &serde_yaml::Value::Null)
-            .map_err(|source| self.plugin_error(type_name, type_name, source))?;
-        Ok(Instance {
-            name: type_name.into(),
-            type_name: type_name.into(),
-            handle,
-        })
+        Ok(Scheduler::new(profiles, handler, seed))
     }
 
     /// The one profile handler, adding `single-profile-handler` for a single profile.
@@ -172,55 +493,58 @@ impl EndpointPickerConfig {
         &self,
         instances: &mut Vec<Instance>,
         profiles: usize,
+        defaults: &Defaults,
+        metrics: &PluginMetrics,
     ) -> Result<Named<dyn ProfileHandler>, ConfigError> {
-        let mut handlers: Vec<Named<dyn ProfileHandler>> = instances
-            .iter()
-            .filter_map(|i| i.handle.profile_handler.as_ref().map(|h| named(i, h)))
+        let handlers: Vec<usize> = (0..instances.len())
+            .filter(|i| instances[*i].roles.profile_handler.is_some())
             .collect();
-        let handler = match handlers.len() {
-            0 if profiles == 1 => {
-                let inst = self.implicit("single-profile-handler")?;
-                let Some(h) = inst.handle.profile_handler.as_ref().map(|h| named(&inst, h)) else {
-                    return Err(self.error(ConfigErrorKind::ProfileHandler(
-                        "single-profile-handler has no handler role".into(),
-                    )));
-                };
-                instances.push(inst);
-                h
+        let index = match handlers.as_slice() {
+            [] if profiles == 1 => {
+                instances.push(self.implicit(plugins::DEFAULT_PROFILE_HANDLER, defaults, metrics)?);
+                instances.len() - 1
             }
-            0 => {
+            [] => {
                 return Err(self.error(ConfigErrorKind::ProfileHandler(format!(
                     "no profile handler was specified for {profiles} profiles"
                 ))));
             }
-            1 => handlers.remove(0),
-            _ => {
-                let names: Vec<&str> = handlers.iter().map(|h| &*h.name).collect();
+            [one] => *one,
+            many => {
+                let names: Vec<&str> = many.iter().map(|i| &*instances[*i].name).collect();
                 return Err(self.error(ConfigErrorKind::ProfileHandler(format!(
                     "only one profile handler is allowed, found: {}",
                     names.join(", ")
                 ))));
             }
         };
-        if &*handler.type_name == "single-profile-handler" && profiles > 1 {
+        let inst = &mut instances[index];
+        inst.used = true;
+        if &*inst.type_name == plugins::DEFAULT_PROFILE_HANDLER && profiles > 1 {
             return Err(self.error(ConfigErrorKind::ProfileHandler(format!(
                 "profile handler '{}' (single-profile-handler) cannot run {profiles} profiles",
-                handler.name
+                inst.name
             ))));
         }
-        Ok(handler)
+        let Some(h) = &inst.roles.profile_handler else {
+            return Err(self.error(ConfigErrorKind::ProfileHandler("handler without the role".into())));
+        };
+        Ok(inst.named(h))
     }
 
     fn profile(
         &self,
         name: &str,
         refs: &[(String, Option<f64>)],
-        by_name: &HashMap<&str, &Instance>,
-        default_picker: &Named<dyn Picker>,
+        instances: &mut [Instance],
+        default_picker: usize,
     ) -> Result<Profile, ConfigError> {
+        let by_name: HashMap<&str, usize> =
+            instances.iter().enumerate().map(|(i, x)| (&*x.name, i)).collect();
         let mut filters: Vec<Named<dyn Filter>> = Vec::new();
         let mut scorers: Vec<WeightedScorer> = Vec::new();
         let mut picker: Option<Named<dyn Picker>> = None;
+        let mut used = Vec::new();
         for (index, (plugin_ref, weight)) in refs.iter().enumerate() {
             if plugin_ref.is_empty() {
                 return Err(self.error(ConfigErrorKind::EmptyRef {
@@ -228,16 +552,18 @@ impl EndpointPickerConfig {
                     index,
                 }));
             }
-            let Some(inst) = by_name.get(plugin_ref.as_str()) else {
+            let Some(&at) = by_name.get(plugin_ref.as_str()) else {
                 return Err(self.error(ConfigErrorKind::UndefinedRef {
                     context: format!("profile '{name}'"),
                     plugin_ref: plugin_ref.clone(),
                 }));
             };
-            if let Some(f) = &inst.handle.filter {
-                filters.push(named(inst, f));
+            let inst = &instances[at];
+            used.push(at);
+            if let Some(f) = &inst.roles.filter {
+                filters.push(inst.named(f));
             }
-            if let Some(s) = &inst.handle.scorer {
+            if let Some(s) = &inst.roles.scorer {
                 let weight = weight.unwrap_or(1.0);
                 if !weight.is_finite() {
                     return Err(self.error(ConfigErrorKind::BadWeight {
@@ -246,11 +572,11 @@ impl EndpointPickerConfig {
                     }));
                 }
                 scorers.push(WeightedScorer {
-                    scorer: named(inst, s),
+                    scorer: inst.named(s),
                     weight,
                 });
             }
-            if let Some(p) = &inst.handle.picker {
+            if let Some(p) = &inst.roles.picker {
                 if let Some(first) = &picker {
                     return Err(self.error(ConfigErrorKind::TwoPickers {
                         profile: name.to_owned(),
@@ -258,49 +584,153 @@ impl EndpointPickerConfig {
                         second: inst.name.to_string(),
                     }));
                 }
-                picker = Some(named(inst, p));
+                picker = Some(inst.named(p));
             }
-            if !inst.handle.is_profile_member() {
+            if !inst.roles.is_profile_member() {
                 tracing::warn!(profile = name, plugin = %inst.name, type_name = %inst.type_name,
                     "plugin has no filter, scorer or picker role; its profile reference has no effect");
+            }
+        }
+        let picker = match picker {
+            Some(p) => p,
+            None => {
+                used.push(default_picker);
+                let inst = &instances[default_picker];
+                let Some(p) = &inst.roles.picker else {
+                    return Err(self.error(ConfigErrorKind::ProfileHandler("picker without the role".into())));
+                };
+                inst.named(p)
+            }
+        };
+        for at in used {
+            let inst = &mut instances[at];
+            if inst.roles.is_profile_member() {
+                inst.used = true;
             }
         }
         Ok(Profile {
             name: name.into(),
             filters,
             scorers,
-            picker: picker.unwrap_or_else(|| default_picker.clone()),
+            picker,
         })
     }
 
-    /// `pluginRef`s outside profiles (data layer, parser, saturation detector) must exist.
-    fn check_section_refs(&self, instances: &[Instance]) -> Result<(), ConfigError> {
-        let file = &self.file;
-        let mut refs: Vec<(&str, &str)> = Vec::new();
-        for (section, layer) in [("data", &file.data), ("dataLayer", &file.data_layer)] {
-            for source in layer.iter().flat_map(|l| &l.sources) {
-                refs.push((section, &source.plugin_ref));
-                refs.extend(source.extractors.iter().map(|e| (section, e.plugin_ref.as_str())));
-            }
-        }
-        if let Some(p) = &file.parser {
-            refs.push(("parser", &p.plugin_ref));
-        }
-        if let Some(r) = file
-            .saturation_detector
+    /// The admission detector: `flowControl.saturationDetector` (v0.10), else the top-level
+    /// `saturationDetector` (deprecated in v0.10), else a plugin named `utilization-detector`,
+    /// else one added with the flag and environment defaults.
+    fn saturation_detector(
+        &self,
+        instances: &mut Vec<Instance>,
+        defaults: &Defaults,
+        metrics: &PluginMetrics,
+    ) -> Result<Named<dyn SaturationDetector>, ConfigError> {
+        let f = &self.file;
+        let nested = f
+            .flow_control
             .as_ref()
-            .and_then(|s| s.plugin_ref.as_deref())
+            .and_then(|fc| fc.saturation_detector.as_ref());
+        let (context, reference) = match (
+            nested.and_then(|s| s.plugin_ref.as_deref()),
+            &f.saturation_detector,
+        ) {
+            (Some(r), _) => ("flowControl.saturationDetector", Some(r)),
+            (None, Some(top)) => {
+                if top.plugin_ref.is_some() && top.has_thresholds() {
+                    return Err(self.error(ConfigErrorKind::Unsupported {
+                        field: "saturationDetector".into(),
+                        why: "set either pluginRef (v1.5+) or the v1.2–v1.4 thresholds, not both; thresholds go into the plugin's parameters".into(),
+                    }));
+                }
+                ("saturationDetector", top.plugin_ref.as_deref())
+            }
+            (None, None) => ("saturationDetector", None),
+        };
+        let index = match reference.filter(|r| !r.is_empty()) {
+            Some(r) => instances.iter().position(|i| &*i.name == r).ok_or_else(|| {
+                self.error(ConfigErrorKind::UndefinedRef {
+                    context: context.to_owned(),
+                    plugin_ref: r.to_owned(),
+                })
+            })?,
+            None => match instances
+                .iter()
+                .position(|i| &*i.name == plugins::DEFAULT_SATURATION_DETECTOR)
+            {
+                Some(i) => i,
+                None => {
+                    instances.push(self.implicit(plugins::DEFAULT_SATURATION_DETECTOR, defaults, metrics)?);
+                    instances.len() - 1
+                }
+            },
+        };
+        let inst = &mut instances[index];
+        let Some(d) = &inst.roles.saturation else {
+            return Err(self.error(ConfigErrorKind::WrongRole {
+                context: context.to_owned(),
+                plugin: inst.name.to_string(),
+                wanted: "saturation detector",
+            }));
+        };
+        inst.used = true;
+        Ok(inst.named(d))
+    }
+
+    /// The request parsers: `requestHandler.parsers` (v0.10), else `parser` (v1.5), else
+    /// `openai-parser`. Each must be a parser this EPP has.
+    fn parsers(
+        &self,
+        instances: &mut Vec<Instance>,
+        defaults: &Defaults,
+        metrics: &PluginMetrics,
+    ) -> Result<(), ConfigError> {
+        let f = &self.file;
+        let mut refs: Vec<(&'static str, &str)> = f
+            .request_handler
+            .iter()
+            .flat_map(|r| &r.parsers)
+            .map(|p| ("requestHandler.parsers", p.plugin_ref.as_str()))
+            .collect();
+        if refs.is_empty()
+            && let Some(p) = &f.parser
         {
-            refs.push(("saturationDetector", r));
+            refs.push(("parser", p.plugin_ref.as_str()));
         }
-        for (section, r) in refs {
-            if !instances.iter().any(|i| &*i.name == r) {
+        if refs.is_empty() {
+            if !instances.iter().any(|i| &*i.name == plugins::DEFAULT_PARSER) {
+                instances.push(self.implicit(plugins::DEFAULT_PARSER, defaults, metrics)?);
+            }
+            refs.push(("parser", plugins::DEFAULT_PARSER));
+        }
+        for (context, r) in refs {
+            let Some(inst) = instances.iter_mut().find(|i| &*i.name == r) else {
                 return Err(self.error(ConfigErrorKind::UndefinedRef {
-                    context: section.to_owned(),
+                    context: context.to_owned(),
                     plugin_ref: r.to_owned(),
                 }));
+            };
+            if !inst.roles.parser {
+                return Err(self.error(ConfigErrorKind::WrongRole {
+                    context: context.to_owned(),
+                    plugin: inst.name.to_string(),
+                    wanted: "parser",
+                }));
             }
+            inst.used = true;
         }
         Ok(())
     }
+}
+
+/// The entries of `params` (a mapping) whose keys are in `keys`.
+fn pick(params: &serde_yaml::Value, keys: &[&str]) -> serde_yaml::Mapping {
+    params
+        .as_mapping()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| k.as_str().is_some_and(|k| keys.contains(&k)))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 
-use crate::datalayer::extract::{CacheInfo, ENGINES, EngineMetrics, MetricSpec};
+use crate::plugins::datasource::prom::ENGINES;
 
 /// Log format of `--zap-encoder`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -224,7 +224,7 @@ pub struct Cli {
     pub tracing: bool,
 
     /// Request bodies larger than this get 413.
-    #[arg(long, default_value_t = crate::request::DEFAULT_MAX_BODY_BYTES)]
+    #[arg(long, default_value_t = crate::requestcontrol::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
     /// At most this many endpoints in `x-gateway-destination-endpoint` (1 for ORIGINAL_DST
     /// clusters, which reject lists).
@@ -328,60 +328,7 @@ impl Cli {
         if !self.model_server_metrics_path.starts_with('/') {
             return Err(CliError("--model-server-metrics-path must start with '/'".into()));
         }
-        self.engine_metrics()?;
         Ok(())
-    }
-
-    /// The pool namespace: the flag, else `$NAMESPACE`, else `default`.
-    pub fn namespace(&self) -> String {
-        if !self.pool_namespace.is_empty() {
-            return self.pool_namespace.clone();
-        }
-        std::env::var("NAMESPACE")
-            .ok()
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| "default".into())
-    }
-
-    /// The default engine's metric mapping with the metric-name flags applied.
-    pub fn engine_metrics(&self) -> Result<EngineMetrics, CliError> {
-        let mut m = EngineMetrics::builtin(&self.engine)
-            .ok_or_else(|| CliError(format!("unknown engine '{}'", self.engine)))?;
-        let parse =
-            |flag: &str, v: &str| MetricSpec::parse(v).map_err(|e| CliError(format!("--{flag}: {e}")));
-        if let Some(v) = &self.total_queued_requests_metric {
-            m.queued = parse("total-queued-requests-metric", v)?;
-        }
-        if let Some(v) = &self.total_running_requests_metric {
-            m.running = parse("total-running-requests-metric", v)?;
-        }
-        if let Some(v) = &self.kv_cache_usage_percentage_metric {
-            m.kv_usage = parse("kv-cache-usage-percentage-metric", v)?
-                .into_iter()
-                .collect();
-        }
-        if let Some(v) = &self.lora_info_metric {
-            m.lora = parse("lora-info-metric", v)?;
-        }
-        if let Some(v) = &self.cache_info_metric {
-            m.cache = parse("cache-info-metric", v)?.map(|spec| match m.cache.take() {
-                Some(CacheInfo::Labels {
-                    block_size_label,
-                    num_blocks_label,
-                    ..
-                }) => CacheInfo::Labels {
-                    spec,
-                    block_size_label,
-                    num_blocks_label,
-                },
-                _ => CacheInfo::Labels {
-                    spec,
-                    block_size_label: "block_size".into(),
-                    num_blocks_label: "num_gpu_blocks".into(),
-                },
-            });
-        }
-        Ok(m)
     }
 }
 
@@ -483,30 +430,6 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.0.contains("--config-text"), "{e}");
-        let e = parse(&["--pool-name", "p", "--total-queued-requests-metric", "q{a=b"])
-            .unwrap()
-            .validate()
-            .unwrap_err();
-        assert!(e.0.contains("--total-queued-requests-metric"), "{e}");
-    }
-
-    #[test]
-    fn metric_flags_override_the_engine() {
-        let cli = parse(&[
-            "--pool-name",
-            "p",
-            "--total-queued-requests-metric",
-            "nv_trt_llm_request_metrics{request_type=waiting}",
-            "--lora-info-metric",
-            "",
-        ])
-        .unwrap();
-        let m = cli.engine_metrics().unwrap();
-        assert_eq!(
-            m.queued.unwrap().labels,
-            vec![("request_type".into(), "waiting".into())]
-        );
-        assert!(m.lora.is_none());
     }
 
     #[test]

@@ -6,17 +6,10 @@
 
 use serde::Deserialize;
 
-/// API versions accepted in `apiVersion`.
+/// API versions accepted in `apiVersion`: GIE's group and llm-d-router v0.10's.
 pub const API_VERSIONS: &[&str] = &["inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1"];
 /// The only accepted `kind`.
 pub const KIND: &str = "EndpointPickerConfig";
-/// Feature gates of the reference up to v1.5; others are refused as v1.5 does.
-pub const FEATURE_GATES: &[&str] = &[
-    "dataLayer",
-    "flowControl",
-    "prepareDataPlugins",
-    "enableLegacyMetrics",
-];
 
 /// The whole document.
 #[derive(Debug, Clone, Deserialize)]
@@ -32,24 +25,28 @@ pub struct ConfigFile {
     /// Scheduling profiles.
     #[serde(default)]
     pub scheduling_profiles: Vec<ProfileSpec>,
-    /// Feature gates (v1.2+).
+    /// Feature gates (v1.2+): `name`, `name=true` or `name=false` (v0.10).
     #[serde(default)]
     pub feature_gates: Vec<String>,
-    /// Saturation detector settings (v1.2–v1.4 thresholds, or v1.5 `pluginRef`).
+    /// Saturation detector settings: v1.2–v1.4 thresholds, or the v1.5 `pluginRef`
+    /// (deprecated in v0.10 for `flowControl.saturationDetector`).
     #[serde(default)]
     pub saturation_detector: Option<SaturationDetectorSpec>,
-    /// Data layer sources (v1.3–v1.4 key).
+    /// Data layer sources (the v1.3–v1.4 key).
     #[serde(default)]
     pub data: Option<DataLayerSpec>,
-    /// Data layer sources (v1.5 key).
+    /// Data layer (v1.5+).
     #[serde(default)]
     pub data_layer: Option<DataLayerSpec>,
-    /// Flow control (v1.4+); accepted, not yet acted on.
+    /// Flow control (v1.4+).
     #[serde(default)]
-    pub flow_control: Option<serde_yaml::Value>,
-    /// Request parser (v1.5).
+    pub flow_control: Option<FlowControlSpec>,
+    /// Request parser (v1.5; deprecated in v0.10 for `requestHandler.parsers`).
     #[serde(default)]
     pub parser: Option<PluginRefSpec>,
+    /// Request handling (v0.10).
+    #[serde(default)]
+    pub request_handler: Option<RequestHandlerSpec>,
 }
 
 /// One plugin instance.
@@ -91,7 +88,7 @@ pub struct ProfilePluginSpec {
     pub weight: Option<f64>,
 }
 
-/// `saturationDetector`.
+/// `saturationDetector` (top level, or under `flowControl` where only `pluginRef` is allowed).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SaturationDetectorSpec {
@@ -104,18 +101,39 @@ pub struct SaturationDetectorSpec {
     /// Metrics older than this count as missing (v1.2–v1.4), e.g. `200ms`.
     #[serde(default)]
     pub metrics_staleness_threshold: Option<String>,
-    /// The detector plugin (v1.5).
+    /// The detector plugin (v1.5+).
     #[serde(default)]
     pub plugin_ref: Option<String>,
 }
 
+impl SaturationDetectorSpec {
+    /// Whether any v1.2–v1.4 threshold is set.
+    pub fn has_thresholds(&self) -> bool {
+        self.queue_depth_threshold.is_some()
+            || self.kv_cache_util_threshold.is_some()
+            || self.metrics_staleness_threshold.is_some()
+    }
+}
+
 /// `data` / `dataLayer`.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DataLayerSpec {
-    /// Metric sources.
+    /// Add the default metrics source and extractor (v0.10; default true).
+    #[serde(default)]
+    pub inject_defaults: Option<bool>,
+    /// Data sources.
     #[serde(default)]
     pub sources: Vec<DataSourceSpec>,
+    /// Endpoint discovery plugin (v0.10).
+    #[serde(default)]
+    pub discovery: Option<PluginRefSpec>,
+    /// Cross-replica state syncer (v0.10).
+    #[serde(default)]
+    pub cross_replica_syncer_plugin_ref: Option<String>,
+    /// Cross-replica sync interval (v0.10).
+    #[serde(default)]
+    pub cross_replica_sync_interval: Option<String>,
 }
 
 /// One data source and its extractors.
@@ -135,4 +153,74 @@ pub struct DataSourceSpec {
 pub struct PluginRefSpec {
     /// Name of an entry in `plugins`.
     pub plugin_ref: String,
+}
+
+/// `requestHandler` (v0.10).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestHandlerSpec {
+    /// Request parsers.
+    #[serde(default)]
+    pub parsers: Vec<PluginRefSpec>,
+}
+
+/// `flowControl` (GIE v1.4–v1.5, llm-d-router v0.10).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FlowControlSpec {
+    /// Global byte limit.
+    #[serde(default)]
+    pub max_bytes: Option<serde_yaml::Value>,
+    /// Global request limit.
+    #[serde(default)]
+    pub max_requests: Option<serde_yaml::Value>,
+    /// Queue time limit.
+    #[serde(default)]
+    pub default_request_ttl: Option<String>,
+    /// Template for unconfigured priorities.
+    #[serde(default)]
+    pub default_priority_band: Option<serde_yaml::Value>,
+    /// Template for negative priorities.
+    #[serde(default)]
+    pub default_negative_priority_band: Option<serde_yaml::Value>,
+    /// Per-priority bands.
+    #[serde(default)]
+    pub priority_bands: Vec<serde_yaml::Value>,
+    /// Usage limit policy.
+    #[serde(default)]
+    pub usage_limit_policy_plugin_ref: Option<String>,
+    /// The saturation detector for admission and flow control (v0.10).
+    #[serde(default)]
+    pub saturation_detector: Option<SaturationDetectorSpec>,
+    /// In-flight eviction (v0.10).
+    #[serde(default)]
+    pub enable_eviction: bool,
+}
+
+impl FlowControlSpec {
+    /// The settings given besides the saturation detector, by their field names.
+    pub fn settings(&self) -> Vec<&'static str> {
+        let mut set = Vec::new();
+        for (on, name) in [
+            (self.max_bytes.is_some(), "maxBytes"),
+            (self.max_requests.is_some(), "maxRequests"),
+            (self.default_request_ttl.is_some(), "defaultRequestTTL"),
+            (self.default_priority_band.is_some(), "defaultPriorityBand"),
+            (
+                self.default_negative_priority_band.is_some(),
+                "defaultNegativePriorityBand",
+            ),
+            (!self.priority_bands.is_empty(), "priorityBands"),
+            (
+                self.usage_limit_policy_plugin_ref.is_some(),
+                "usageLimitPolicyPluginRef",
+            ),
+            (self.enable_eviction, "enableEviction"),
+        ] {
+            if on {
+                set.push(name);
+            }
+        }
+        set
+    }
 }

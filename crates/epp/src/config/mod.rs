@@ -1,21 +1,26 @@
-//! The EndpointPickerConfig: one path from `--config-file`/`--config-text` to a validated,
-//! immutable [`Scheduler`](crate::scheduling::Scheduler), run once at start-up.
+//! Configuration: flags, environment and the EndpointPickerConfig, resolved once at start-up
+//! into one typed value ([`resolve::EppConfig`]) before any port is bound or task spawned.
 //!
-//! Loading is two steps. [`EndpointPickerConfig::from_text`] decodes the document strictly
-//! and checks what needs no plugin knowledge (apiVersion, kind, feature gates).
-//! [`EndpointPickerConfig::build_scheduler`] instantiates the plugins and applies the
-//! reference's defaulting (names, default profile, profile handler, picker, weights) before
-//! validating the profiles. Every error names the origin (file path or `--config-text`), and
-//! the field, profile or plugin at fault, so the EPP can refuse to start with a message an
-//! operator can act on.
+//! The document is loaded in two steps. [`EndpointPickerConfig::from_text`] decodes it
+//! strictly and checks what needs no plugin knowledge (apiVersion, kind).
+//! [`EndpointPickerConfig::build`] instantiates the plugins, binds producers and consumers and
+//! applies the reference's defaulting (names, default profile, profile handler, picker,
+//! weights, saturation detector, parsers, data layer) before validating everything. Every
+//! error names the origin (file path or `--config-text`) and the field, profile or plugin at
+//! fault, so the EPP can refuse to start with a message an operator can act on.
 
 mod build;
 pub mod cli;
+mod datalayer;
 pub mod file;
+pub mod gates;
+pub mod resolve;
 
 use std::path::Path;
 
+pub use build::PluginSet;
 pub use file::ConfigFile;
+pub use resolve::EppConfig;
 
 /// The v1.4+ built-in default, used when no configuration is given.
 pub const DEFAULT_CONFIG: &str = "\
@@ -51,9 +56,61 @@ pub enum ConfigErrorKind {
     /// Wrong `kind`.
     #[error("kind '{0}' is not supported (use {k})", k = file::KIND)]
     Kind(String),
-    /// Unknown feature gate.
-    #[error("featureGates: unknown feature gate '{0}' (known: {gates})", gates = file::FEATURE_GATES.join(", "))]
-    FeatureGate(String),
+    /// A feature gate entry that is unknown, malformed or not supported.
+    #[error("featureGates: {0}")]
+    Gate(#[source] gates::GateError),
+    /// A section or field this EPP reads but cannot act on.
+    #[error("{field}: {why}")]
+    Unsupported {
+        /// The field, as a path (`flowControl.maxRequests`).
+        field: String,
+        /// Why, and what to do.
+        why: String,
+    },
+    /// A plugin that plays no part once the configuration is wired.
+    #[error(
+        "plugin '{name}' (type '{type_name}', {roles}) is declared but takes no part: reference it from a scheduling profile or the section that uses it, or remove it"
+    )]
+    Unused {
+        /// Plugin name.
+        name: String,
+        /// Plugin type.
+        type_name: String,
+        /// Its roles.
+        roles: String,
+    },
+    /// A consumer whose producer cannot be settled.
+    #[error("plugin '{consumer}' reads {kind}, but {detail}")]
+    Producer {
+        /// The consumer.
+        consumer: String,
+        /// What it reads.
+        kind: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A reference to a plugin without the role the reference needs.
+    #[error("{context}: plugin '{plugin}' is not a {wanted}")]
+    WrongRole {
+        /// Where the reference is.
+        context: String,
+        /// The plugin referenced.
+        plugin: String,
+        /// The role needed.
+        wanted: &'static str,
+    },
+    /// Two writers of one endpoint attribute.
+    #[error(
+        "endpoint attribute {key} would have two writers, '{first}' and '{second}': a data source must not overwrite another's data"
+    )]
+    TwoWriters {
+        /// The attribute.
+        key: String,
+        /// First writer.
+        first: String,
+        /// Second writer.
+        second: String,
+    },
     /// A plugin without `type`.
     #[error("plugins[{index}]: plugin definition for '{name}' is missing a type")]
     MissingType {
@@ -74,7 +131,7 @@ pub enum ConfigErrorKind {
         type_name: String,
         /// Why.
         #[source]
-        source: crate::scheduling::plugins::PluginError,
+        source: crate::plugins::PluginError,
     },
     /// A profile without a name.
     #[error("schedulingProfiles[{0}]: profile name must not be empty")]
@@ -142,13 +199,6 @@ pub struct EndpointPickerConfig {
 }
 
 impl EndpointPickerConfig {
-    fn error(&self, kind: ConfigErrorKind) -> ConfigError {
-        ConfigError {
-            origin: self.origin.clone(),
-            kind,
-        }
-    }
-
     /// Decodes and checks a document; `origin` names it in errors.
     pub fn from_text(text: &str, origin: impl Into<String>) -> Result<Self, ConfigError> {
         let origin = origin.into();
@@ -162,13 +212,6 @@ impl EndpointPickerConfig {
         }
         if file.kind != file::KIND {
             return Err(err(ConfigErrorKind::Kind(file.kind)));
-        }
-        if let Some(gate) = file
-            .feature_gates
-            .iter()
-            .find(|g| !file::FEATURE_GATES.contains(&g.as_str()))
-        {
-            return Err(err(ConfigErrorKind::FeatureGate(gate.clone())));
         }
         Ok(Self { origin, file })
     }

@@ -77,8 +77,6 @@ dataLayer:
   - pluginRef: metrics-data-source
     extractors:
     - pluginRef: core-metrics-extractor
-flowControl:
-  maxBytes: 1Gi
 schedulingProfiles:
 - name: default
   plugins:
@@ -124,7 +122,10 @@ fn header_mistakes_are_named() {
     let e = load_err("apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: ConfigMap\n");
     assert!(e.contains("kind 'ConfigMap'"), "{e}");
     let e = load_err(&format!("{HEAD}featureGates: [warpDrive]\n"));
-    assert!(e.contains("'warpDrive'"), "{e}");
+    assert!(
+        e.contains("featureGates: unknown feature gate 'warpDrive'"),
+        "{e}"
+    );
     let e = load_err("kind: EndpointPickerConfig\n");
     assert!(e.contains("apiVersion"), "{e}");
 }
@@ -183,7 +184,7 @@ fn profile_mistakes_are_named() {
         "{HEAD}plugins:\n- type: queue-scorer\ndataLayer:\n  sources:\n  - pluginRef: scraper\n"
     ));
     assert!(
-        e.contains("dataLayer: 'scraper' is a reference to an undefined plugin"),
+        e.contains("dataLayer.sources: 'scraper' is a reference to an undefined plugin"),
         "{e}"
     );
 }
@@ -213,4 +214,238 @@ fn missing_file_names_the_path() {
             .starts_with("config /nonexistent/epp.yaml: cannot read"),
         "{e}"
     );
+}
+
+fn set(text: &str) -> Result<PluginSet, ConfigError> {
+    EndpointPickerConfig::from_text(text, "test.yaml")?.build(&crate::plugins::Defaults::builtin(), Some(1))
+}
+
+fn names(set: &PluginSet) -> Vec<String> {
+    set.instances
+        .iter()
+        .map(|(n, t)| if n == t { n.to_string() } else { format!("{n}:{t}") })
+        .collect()
+}
+
+#[test]
+fn defaults_are_added_and_bound() {
+    let s = set(SEED).unwrap();
+    // The seed declares three scorers; the rest is added the way the reference adds it.
+    assert_eq!(
+        names(&s),
+        [
+            "queue-scorer",
+            "kv-cache-utilization-scorer",
+            "prefix-cache-scorer",
+            "inflight-load-producer",
+            "approx-prefix-cache-producer",
+            "single-profile-handler",
+            "max-score-picker",
+            "utilization-detector",
+            "openai-parser",
+            "metrics-data-source",
+            "core-metrics-extractor",
+        ]
+    );
+    let producers: Vec<&str> = s.control.producers.iter().map(|p| &*p.name).collect();
+    assert_eq!(producers, ["approx-prefix-cache-producer"]);
+    let pre: Vec<&str> = s.control.pre_request.iter().map(|p| &*p.name).collect();
+    assert_eq!(pre, ["inflight-load-producer", "approx-prefix-cache-producer"]);
+    assert_eq!(&*s.control.saturation.name, "utilization-detector");
+    assert_eq!(s.sources.polling.len(), 1);
+    assert_eq!(s.store_hooks.len(), 1);
+}
+
+#[test]
+fn llm_d_v010_sections_load() {
+    let s = set("apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [dataLayer=true, flowControl=false, haPopulateNonLeaderDatastore]
+plugins:
+- type: queue-scorer
+- name: shed
+  type: utilization-detector
+  parameters: {queueDepthThreshold: 8}
+- type: openai-parser
+- type: metrics-data-source
+  parameters: {scheme: http, path: /metrics, insecureSkipVerify: true}
+- type: core-metrics-extractor
+flowControl:
+  saturationDetector: {pluginRef: shed}
+requestHandler:
+  parsers:
+  - pluginRef: openai-parser
+dataLayer:
+  injectDefaults: true
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+")
+    .unwrap();
+    assert_eq!(&*s.control.saturation.name, "shed");
+    // The declared source and extractor are used for the injected defaults.
+    assert_eq!(&*s.sources.polling[0].source.name, "metrics-data-source");
+    assert!(!names(&s).iter().any(|n| n.contains('/')));
+}
+
+#[test]
+fn the_newer_saturation_detector_place_wins() {
+    let s = set(&format!(
+        "{HEAD}plugins:\n- type: queue-scorer\n- name: a\n  type: utilization-detector\n- name: b\n  type: concurrency-detector\nsaturationDetector: {{pluginRef: a}}\nflowControl:\n  saturationDetector: {{pluginRef: b}}\nschedulingProfiles:\n- name: p\n  plugins: [{{pluginRef: queue-scorer}}]\n"
+    ));
+    // `a` is declared but then used by nothing: refused rather than ignored.
+    let e = set_err(s);
+    assert!(
+        e.contains("plugin 'a' (type 'utilization-detector'") && e.contains("takes no part"),
+        "{e}"
+    );
+    let s = set(&format!(
+        "{HEAD}plugins:\n- type: queue-scorer\n- name: b\n  type: concurrency-detector\nsaturationDetector: {{pluginRef: b}}\n"
+    ))
+    .unwrap();
+    assert_eq!(&*s.control.saturation.name, "b");
+    // The concurrency detector got an in-flight producer to read.
+    assert!(
+        names(&s).contains(&"inflight-load-producer".to_owned()),
+        "{:?}",
+        names(&s)
+    );
+}
+
+fn set_err(r: Result<PluginSet, ConfigError>) -> String {
+    match r {
+        Ok(_) => panic!("config loaded but should not"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn unsupported_sections_and_parameters_are_named() {
+    for (doc, want) in [
+        (
+            "flowControl:\n  maxRequests: 10\n",
+            "flowControl.maxRequests: flow control",
+        ),
+        (
+            "featureGates: [flowControl]\n",
+            "flowControl=true is not supported",
+        ),
+        (
+            "flowControl:\n  saturationDetector: {queueDepthThreshold: 3}\n",
+            "only pluginRef",
+        ),
+        ("dataLayer:\n  discovery: {pluginRef: x}\n", "dataLayer.discovery"),
+        ("dataLayer:\n  crossReplicaSyncerPluginRef: x\n", "cross-replica"),
+        (
+            "data: {sources: []}\ndataLayer: {sources: []}\n",
+            "keep dataLayer",
+        ),
+        (
+            "saturationDetector: {pluginRef: utilization-detector, queueDepthThreshold: 3}\nplugins:\n- type: utilization-detector\n",
+            "not both",
+        ),
+        (
+            "plugins:\n- type: queue-scorer\n  parameters: {weight: 2}\n",
+            "takes no parameters",
+        ),
+        (
+            "plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSizeTokenz: 2}\n",
+            "unknown field `blockSizeTokenz`",
+        ),
+        (
+            "plugins:\n- type: metrics-data-source\n  parameters: {port: 70000}\n",
+            "invalid port 70000",
+        ),
+        (
+            "plugins:\n- type: core-metrics-extractor\n  parameters: {defaultEngine: nope}\n",
+            "defaultEngine 'nope'",
+        ),
+        (
+            "plugins:\n- type: utilization-detector\n  parameters: {queueDepthThreshold: 0}\n",
+            "queueDepthThreshold must be strictly positive",
+        ),
+        (
+            "requestHandler:\n  parsers: [{pluginRef: queue-scorer}]\nplugins:\n- type: queue-scorer\n",
+            "is not a parser",
+        ),
+        (
+            "parser: {pluginRef: vllm}\n",
+            "parser: 'vllm' is a reference to an undefined plugin",
+        ),
+    ] {
+        let e = set_err(set(&format!("{HEAD}{doc}")));
+        assert!(e.contains(want), "{doc}: {e}");
+    }
+}
+
+#[test]
+fn prefix_parameters_of_older_configs_reach_their_producer() {
+    // GIE v1.0–v1.4: the index is configured on the scorer.
+    let s = set(&format!(
+        "{HEAD}plugins:\n- type: prefix-cache-scorer\n  parameters: {{hashBlockSize: 32, lruCapacityPerServer: 10}}\n"
+    ))
+    .unwrap();
+    assert!(
+        names(&s).contains(&"approx-prefix-cache-producer".to_owned()),
+        "{:?}",
+        names(&s)
+    );
+    // v1.5 / v0.10: on the producer; the scorer binds to it.
+    let s = set(&format!(
+        "{HEAD}plugins:\n- name: p\n  type: approx-prefix-cache-producer\n  parameters: {{blockSizeTokens: 8}}\n- type: prefix-cache-scorer\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        s.control.producers.iter().map(|p| &*p.name).collect::<Vec<_>>(),
+        ["p"]
+    );
+    // Both at once is ambiguous.
+    let e = set_err(set(&format!(
+        "{HEAD}plugins:\n- name: p\n  type: approx-prefix-cache-producer\n- type: prefix-cache-scorer\n  parameters: {{blockSize: 64}}\n"
+    )));
+    assert!(e.contains("set them on 'p'"), "{e}");
+    // Two producers need a name.
+    let e = set_err(set(&format!(
+        "{HEAD}plugins:\n- name: a\n  type: approx-prefix-cache-producer\n- name: b\n  type: approx-prefix-cache-producer\n- type: prefix-cache-scorer\n"
+    )));
+    assert!(
+        e.contains("several plugins produce it (a, b); set prefixMatchInfoProducerName"),
+        "{e}"
+    );
+    let s = set(&format!(
+        "{HEAD}plugins:\n- name: a\n  type: approx-prefix-cache-producer\n- name: b\n  type: approx-prefix-cache-producer\n- type: prefix-cache-scorer\n  parameters: {{prefixMatchInfoProducerName: b}}\n"
+    ))
+    .unwrap();
+    assert_eq!(s.control.producers.len(), 2);
+    let e = set_err(set(&format!(
+        "{HEAD}plugins:\n- type: prefix-cache-scorer\n  parameters: {{prefixMatchInfoProducerName: nope}}\n"
+    )));
+    assert!(e.contains("'nope' is not a plugin producing it"), "{e}");
+}
+
+#[test]
+fn data_layer_injection_follows_v010() {
+    // injectDefaults: false collects nothing.
+    let s = set(&format!(
+        "{HEAD}dataLayer: {{injectDefaults: false}}\nplugins:\n- type: queue-scorer\n"
+    ))
+    .unwrap();
+    assert!(s.sources.is_empty());
+    // An empty source list still gets the defaults (GIE v1.5 read it as "collect nothing").
+    let s = set(&format!(
+        "{HEAD}dataLayer: {{sources: []}}\nplugins:\n- type: queue-scorer\n"
+    ))
+    .unwrap();
+    assert_eq!(s.sources.polling.len(), 1);
+    // Two extractors of one attribute are refused.
+    let e = set_err(set(&format!(
+        "{HEAD}plugins:\n- type: queue-scorer\n- type: metrics-data-source\n- name: x1\n  type: core-metrics-extractor\n- name: x2\n  type: core-metrics-extractor\ndataLayer:\n  sources:\n  - pluginRef: metrics-data-source\n    extractors: [{{pluginRef: x1}}, {{pluginRef: x2}}]\n"
+    )));
+    assert!(e.contains("two writers, 'x1' and 'x2'"), "{e}");
+    // A source that is not a source.
+    let e = set_err(set(&format!(
+        "{HEAD}plugins:\n- type: queue-scorer\ndataLayer:\n  sources:\n  - pluginRef: queue-scorer\n"
+    )));
+    assert!(e.contains("is not a data source"), "{e}");
 }

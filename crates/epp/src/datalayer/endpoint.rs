@@ -1,10 +1,13 @@
-//! Endpoint identity and the per-endpoint load figures the scheduler scores on.
+//! Endpoint identity, the per-endpoint load figures of the model-server protocol, and the
+//! snapshot entry that carries both.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::time::{Duration, Instant};
+
+use crate::framework::data::{Attributes, DataKey};
 
 /// One routable model-server endpoint: a pod (or one data-parallel rank of a pod) at `ip:port`.
 ///
@@ -89,7 +92,10 @@ impl LoraInfo {
     }
 }
 
-/// The load figures of one endpoint as last scraped.
+/// The load figures of one endpoint as last scraped: the signals of the reference's model
+/// server protocol (`docs/proposals/003-model-server-protocol`), written by the
+/// `core-metrics-extractor` under [`METRICS`] and read by the load scorers, the saturation
+/// detectors and the pool gauges.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Metrics {
     /// Requests waiting in the model server's queue.
@@ -106,12 +112,25 @@ pub struct Metrics {
     pub cache_num_blocks: Option<u64>,
     /// When these figures were scraped; `None` until the first successful scrape.
     pub updated_at: Option<Instant>,
-    /// The endpoint's sent-token total (see [`super::Dispatched`]) when these figures were
-    /// published; set by the store.
-    pub sent_tokens_at_scrape: u64,
-    /// The endpoint's finished-token total when these figures were published.
-    pub done_tokens_at_scrape: u64,
 }
+
+/// The key of [`Metrics`]: one per endpoint, whatever engine or extractor produced it.
+pub const METRICS: DataKey<Metrics> = DataKey::reserved(0);
+
+/// Figures of an endpoint never scraped.
+static UNSCRAPED: Metrics = Metrics {
+    waiting_queue: 0,
+    running: 0,
+    kv_cache_usage: 0.0,
+    lora: LoraInfo {
+        active: Vec::new(),
+        waiting: Vec::new(),
+        max_active: 0,
+    },
+    cache_block_size: None,
+    cache_num_blocks: None,
+    updated_at: None,
+};
 
 impl Metrics {
     /// Age of the figures at `now`; `None` if never scraped.
@@ -129,6 +148,42 @@ impl Metrics {
     /// Whether the figures were scraped no longer than `threshold` before `now`.
     pub fn is_fresh(&self, now: Instant, threshold: Duration) -> bool {
         self.age(now).is_some_and(|age| age <= threshold)
+    }
+}
+
+/// One endpoint and its attributes, as one snapshot holds it.
+#[derive(Debug, Clone)]
+pub struct EndpointState {
+    /// Identity and address.
+    pub endpoint: Arc<Endpoint>,
+    /// Data the data layer and stateful plugins keep for the endpoint.
+    pub attrs: Attributes,
+}
+
+impl EndpointState {
+    /// An endpoint with no attributes yet.
+    pub fn new(endpoint: Arc<Endpoint>) -> Self {
+        Self {
+            endpoint,
+            attrs: Attributes::default(),
+        }
+    }
+
+    /// An endpoint with `metrics` (tests and benches).
+    pub fn with_metrics(endpoint: Arc<Endpoint>, metrics: Metrics) -> Self {
+        let mut s = Self::new(endpoint);
+        s.attrs.set(METRICS, Arc::new(metrics));
+        s
+    }
+
+    /// The endpoint's load figures; all zero with `updated_at: None` before the first scrape.
+    pub fn metrics(&self) -> &Metrics {
+        self.attrs.get(METRICS).unwrap_or(&UNSCRAPED)
+    }
+
+    /// An attribute.
+    pub fn get<T: std::any::Any>(&self, key: DataKey<T>) -> Option<&T> {
+        self.attrs.get(key)
     }
 }
 

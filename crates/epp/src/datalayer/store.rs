@@ -1,92 +1,21 @@
 //! The published endpoint snapshot and its single writer path.
+//!
+//! Every writer (discovery, data sources, stateful plugins through their hooks) goes through
+//! the store, serialised by a writer-only mutex so that concurrent updates never lose each
+//! other. Readers load the current [`Snapshot`] with one atomic operation and never wait.
+//! Writers replace whole attributes: a source writes only the keys it was given at start-up
+//! (one writer per key, checked when the configuration is built), so a scrape and an event
+//! stream feeding the same endpoint never overwrite each other's data.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use super::{Endpoint, Metrics};
-
-/// One endpoint together with its latest metrics, as seen by one scheduling cycle.
-#[derive(Debug, Clone)]
-pub struct EndpointState {
-    /// Identity and address.
-    pub endpoint: Arc<Endpoint>,
-    /// Latest scraped figures (default, with `updated_at: None`, until the first scrape).
-    pub metrics: Arc<Metrics>,
-    /// What this EPP has sent the endpoint; shared by every snapshot the endpoint is in.
-    pub dispatch: Arc<Dispatched>,
-}
-
-impl EndpointState {
-    /// An endpoint with `metrics` and nothing dispatched yet.
-    pub fn new(endpoint: Arc<Endpoint>, metrics: Arc<Metrics>) -> Self {
-        Self {
-            endpoint,
-            metrics,
-            dispatch: Arc::default(),
-        }
-    }
-
-    /// The change in the endpoint's load, in estimated uncached prompt tokens, since its
-    /// metrics were scraped: what this EPP has sent it since, minus what finished since.
-    /// Negative when more finished than arrived.
-    pub fn unscraped_tokens(&self) -> i64 {
-        let m = &self.metrics;
-        let sent = self.dispatch.sent().saturating_sub(m.sent_tokens_at_scrape);
-        let done = self.dispatch.done().saturating_sub(m.done_tokens_at_scrape);
-        i64::try_from(sent).unwrap_or(i64::MAX) - i64::try_from(done).unwrap_or(i64::MAX)
-    }
-}
-
-/// Running totals of the estimated uncached prompt tokens routed to one endpoint, and of those
-/// whose requests have finished. Scrapes come every 50 ms or so; requests start and finish in
-/// between, and without these counts every request of a burst would see the same figures and
-/// go to the same, apparently least loaded, server. Request-path cost: one relaxed atomic add
-/// at the pick and one when the request ends.
-#[derive(Debug, Default)]
-pub struct Dispatched {
-    sent: AtomicU64,
-    done: AtomicU64,
-}
-
-/// One routed request's share of an endpoint's load; adds it to the finished total when
-/// dropped (when the response is complete or the stream ends, whichever comes first).
-#[derive(Debug)]
-pub struct InFlight {
-    dispatch: Arc<Dispatched>,
-    tokens: u64,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.dispatch.done.fetch_add(self.tokens, Ordering::Relaxed);
-    }
-}
-
-impl Dispatched {
-    /// Records a request of about `tokens` uncached prompt tokens sent to the endpoint.
-    pub fn start(self: &Arc<Self>, tokens: u64) -> InFlight {
-        self.sent.fetch_add(tokens, Ordering::Relaxed);
-        InFlight {
-            dispatch: self.clone(),
-            tokens,
-        }
-    }
-
-    /// Tokens sent so far.
-    pub fn sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
-    }
-
-    /// Tokens of finished requests so far.
-    pub fn done(&self) -> u64 {
-        self.done.load(Ordering::Relaxed)
-    }
-}
+use super::{Endpoint, EndpointState, METRICS, Metrics};
+use crate::framework::data::{KeyId, Value};
 
 /// An immutable view of the pool. Requests load it once and never see it change.
 #[derive(Debug, Default)]
@@ -107,7 +36,7 @@ impl Snapshot {
         self.synced
     }
 
-    /// Bumped each time the *set* of endpoints changes (not on metric updates).
+    /// Bumped each time the *set* of endpoints changes (not on attribute updates).
     pub fn generation(&self) -> u64 {
         self.generation
     }
@@ -123,16 +52,35 @@ impl Snapshot {
     }
 }
 
-/// Holder of the current [`Snapshot`].
-///
-/// Readers call [`EndpointStore::load`]; writers (discovery, scrapers) go through the methods
-/// below, which are serialised by a writer-only mutex so that concurrent metric updates never
-/// lose each other. Readers never take that mutex.
-#[derive(Debug)]
+/// A plugin's say in what the snapshot holds for an endpoint: called by the store, off the
+/// request path, when an endpoint joins the pool and whenever attributes of an endpoint are
+/// written, inside the same publication. A hook writes only keys its plugin owns. The
+/// in-flight load plugin uses this to attach its counters to new endpoints and to stamp them
+/// at the moment a scrape is published, so that scorers read the scrape and the stamp from
+/// one snapshot.
+pub trait StoreHook: Send + Sync {
+    /// `state` is entering the pool (`written` is empty) or has just had `written` replaced.
+    fn on_write(&self, state: &mut EndpointState, written: &[KeyId]);
+}
+
+/// One source's writes for one endpoint.
+pub type Writes = Vec<(KeyId, Value)>;
+
+/// Holder of the current [`Snapshot`]: see the module docs.
 pub struct EndpointStore {
     current: ArcSwap<Snapshot>,
     writer: Mutex<()>,
     set_changes: watch::Sender<u64>,
+    hooks: Vec<Arc<dyn StoreHook>>,
+}
+
+impl std::fmt::Debug for EndpointStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointStore")
+            .field("current", &self.current.load())
+            .field("hooks", &self.hooks.len())
+            .finish()
+    }
 }
 
 impl Default for EndpointStore {
@@ -142,12 +90,18 @@ impl Default for EndpointStore {
 }
 
 impl EndpointStore {
-    /// An empty, not yet synced store.
+    /// An empty, not yet synced store without hooks.
     pub fn new() -> Self {
+        Self::with_hooks(Vec::new())
+    }
+
+    /// An empty store that calls `hooks` on every write.
+    pub fn with_hooks(hooks: Vec<Arc<dyn StoreHook>>) -> Self {
         Self {
             current: ArcSwap::from_pointee(Snapshot::default()),
             writer: Mutex::new(()),
             set_changes: watch::Sender::new(0),
+            hooks,
         }
     }
 
@@ -162,7 +116,8 @@ impl EndpointStore {
     }
 
     /// Replaces the endpoint set and marks the pool synced. Endpoints that were already known
-    /// (same name, address and labels) keep their metrics; new ones start unscraped.
+    /// (same name, address and labels) keep their attributes; new ones start with what the
+    /// hooks attach.
     pub fn set_endpoints(&self, endpoints: impl IntoIterator<Item = Endpoint>) {
         let _guard = self.writer.lock();
         let old = self.current.load();
@@ -170,7 +125,13 @@ impl EndpointStore {
             .into_iter()
             .map(|ep| match old.endpoints.iter().find(|s| *s.endpoint == ep) {
                 Some(existing) => existing.clone(),
-                None => EndpointState::new(Arc::new(ep), Arc::new(Metrics::default())),
+                None => {
+                    let mut state = EndpointState::new(Arc::new(ep));
+                    for hook in &self.hooks {
+                        hook.on_write(&mut state, &[]);
+                    }
+                    state
+                }
             })
             .collect();
         let same_set = old.synced
@@ -203,22 +164,16 @@ impl EndpointStore {
         self.set_changes.send_replace(generation);
     }
 
-    /// Publishes new metrics for `endpoint`. Returns `false` (and changes nothing) when the
-    /// endpoint has left the pool meanwhile, so a late scrape cannot resurrect it.
-    pub fn update_metrics(&self, endpoint: &Arc<Endpoint>, metrics: Metrics) -> bool {
-        self.update_metrics_batch([(endpoint.clone(), metrics)]) == 1
-    }
-
-    /// Publishes several metric updates in one new snapshot (later entries for the same
-    /// endpoint win). Updates for endpoints no longer in the pool are dropped. Returns how
-    /// many endpoints were updated. Each update is stamped with the endpoint's dispatch total
-    /// at publication: what was sent before counts as seen by the scrape.
-    pub fn update_metrics_batch(&self, updates: impl IntoIterator<Item = (Arc<Endpoint>, Metrics)>) -> usize {
+    /// Publishes several writes in one new snapshot (later entries for one endpoint and key
+    /// win). Writes for endpoints no longer in the pool are dropped, so a late scrape cannot
+    /// resurrect an endpoint. Returns how many endpoints were updated.
+    pub fn publish(&self, updates: impl IntoIterator<Item = (Arc<Endpoint>, Writes)>) -> usize {
         let _guard = self.writer.lock();
         let old = self.current.load();
         let mut endpoints: Option<Vec<EndpointState>> = None;
         let mut updated = 0;
-        for (endpoint, mut metrics) in updates {
+        let mut written: Vec<KeyId> = Vec::new();
+        for (endpoint, writes) in updates {
             let Some(pos) = old
                 .endpoints
                 .iter()
@@ -227,10 +182,15 @@ impl EndpointStore {
                 continue;
             };
             let eps = endpoints.get_or_insert_with(|| old.endpoints.clone());
-            // Finished first: a request that ends between the two loads counts as still running.
-            metrics.done_tokens_at_scrape = eps[pos].dispatch.done();
-            metrics.sent_tokens_at_scrape = eps[pos].dispatch.sent();
-            eps[pos].metrics = Arc::new(metrics);
+            let state = &mut eps[pos];
+            written.clear();
+            for (key, value) in writes {
+                state.attrs.set_raw(key, value);
+                written.push(key);
+            }
+            for hook in &self.hooks {
+                hook.on_write(state, &written);
+            }
             updated += 1;
         }
         if let Some(endpoints) = endpoints {
@@ -242,18 +202,28 @@ impl EndpointStore {
         }
         updated
     }
+
+    /// Publishes new [`Metrics`] for `endpoint` (tests and tools that stand in for a scraper).
+    /// Returns `false` when the endpoint has left the pool meanwhile.
+    pub fn update_metrics(&self, endpoint: &Arc<Endpoint>, metrics: Metrics) -> bool {
+        let value: Value = Arc::new(metrics);
+        self.publish([(endpoint.clone(), vec![(METRICS.id(), value)])]) == 1
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
+    use crate::framework::data::DataKey;
 
     fn ep(addr: &str) -> Endpoint {
         Endpoint::from_address(addr.parse().unwrap())
     }
 
     #[test]
-    fn metrics_survive_an_unchanged_set_and_late_scrapes_are_dropped() {
+    fn attributes_survive_an_unchanged_set_and_late_writes_are_dropped() {
         let store = EndpointStore::new();
         assert!(!store.load().is_synced());
         store.set_endpoints([ep("10.0.0.1:8000"), ep("10.0.0.2:8000")]);
@@ -266,11 +236,11 @@ mod tests {
             ..Metrics::default()
         };
         assert!(store.update_metrics(&first, m));
-        // Same set again: nothing changes, metrics kept.
+        // Same set again: nothing changes, attributes kept.
         store.set_endpoints([ep("10.0.0.1:8000"), ep("10.0.0.2:8000")]);
         let snap = store.load();
         assert_eq!(snap.generation(), 1);
-        assert_eq!(snap.endpoints()[0].metrics.waiting_queue, 7);
+        assert_eq!(snap.endpoints()[0].metrics().waiting_queue, 7);
         // First endpoint leaves: its late scrape must not come back.
         store.set_endpoints([ep("10.0.0.2:8000")]);
         assert!(!store.update_metrics(&first, Metrics::default()));
@@ -281,30 +251,57 @@ mod tests {
     }
 
     #[test]
-    fn dispatches_count_until_the_next_scrape_and_survive_set_changes() {
+    fn two_writers_of_one_endpoint_keep_each_others_data() {
+        let events = DataKey::<u64>::named("event-source");
         let store = EndpointStore::new();
+        store.set_endpoints([ep("10.0.0.1:8000")]);
+        let e = store.load().endpoints()[0].endpoint.clone();
+        store.publish([(e.clone(), vec![(events.id(), Arc::new(5u64) as Value)])]);
+        store.update_metrics(
+            &e,
+            Metrics {
+                running: 3,
+                ..Metrics::default()
+            },
+        );
+        store.publish([(e.clone(), vec![(events.id(), Arc::new(6u64) as Value)])]);
+        let snap = store.load();
+        let state = &snap.endpoints()[0];
+        assert_eq!(state.metrics().running, 3);
+        assert_eq!(state.get(events), Some(&6));
+    }
+
+    struct Counting {
+        joined: AtomicUsize,
+        written: AtomicUsize,
+    }
+
+    impl StoreHook for Counting {
+        fn on_write(&self, state: &mut EndpointState, written: &[KeyId]) {
+            let stamp = DataKey::<usize>::named("hook");
+            if written.is_empty() {
+                self.joined.fetch_add(1, Ordering::Relaxed);
+            } else if written.contains(&METRICS.id()) {
+                let n = self.written.fetch_add(1, Ordering::Relaxed) + 1;
+                state.attrs.set(stamp, Arc::new(n));
+            }
+        }
+    }
+
+    #[test]
+    fn hooks_see_new_endpoints_and_writes_in_the_same_publication() {
+        let hook = Arc::new(Counting {
+            joined: AtomicUsize::new(0),
+            written: AtomicUsize::new(0),
+        });
+        let store = EndpointStore::with_hooks(vec![hook.clone()]);
         store.set_endpoints([ep("10.0.0.1:8000"), ep("10.0.0.2:8000")]);
-        let snap = store.load();
-        let (a, b) = (&snap.endpoints()[0], &snap.endpoints()[1]);
-        let first = a.dispatch.start(300);
-        let second = a.dispatch.start(200);
-        assert_eq!((a.unscraped_tokens(), b.unscraped_tokens()), (500, 0));
-        // A request that finishes before the next scrape no longer counts.
-        drop(second);
-        assert_eq!(a.unscraped_tokens(), 300);
-        // A scrape published now has seen the one still running.
-        store.update_metrics(&a.endpoint, Metrics::default());
-        let snap = store.load();
-        assert_eq!(snap.endpoints()[0].unscraped_tokens(), 0);
-        // It finishes after the scrape: the scraped load overstates by that much.
-        drop(first);
-        assert_eq!(snap.endpoints()[0].unscraped_tokens(), -300);
-        let _third = snap.endpoints()[0].dispatch.start(70);
-        // The endpoint set changes; the surviving endpoint keeps its counts.
         store.set_endpoints([ep("10.0.0.1:8000"), ep("10.0.0.3:8000")]);
+        assert_eq!(hook.joined.load(Ordering::Relaxed), 3);
+        let e = store.load().endpoints()[0].endpoint.clone();
+        store.update_metrics(&e, Metrics::default());
         let snap = store.load();
-        assert_eq!(snap.endpoints()[0].unscraped_tokens(), -230);
-        assert_eq!(snap.endpoints()[1].unscraped_tokens(), 0);
+        assert_eq!(snap.endpoints()[0].get(DataKey::<usize>::named("hook")), Some(&1));
     }
 
     #[test]

@@ -25,9 +25,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::crd::{v1, v1alpha2};
-use crate::admission::ObjectiveTable;
-use crate::datalayer::source::{EndpointSource, SourceError, SourceFuture};
+use crate::datalayer::discovery::{DiscoveryError, EndpointSource, SourceFuture};
 use crate::datalayer::{Endpoint, EndpointStore};
+use crate::requestcontrol::ObjectiveTable;
 
 /// Pod annotation restricting which of the pool's target ports are active (v1.4+).
 pub const ACTIVE_PORTS_ANNOTATION: &str = "inference.networking.k8s.io/active-ports";
@@ -368,10 +368,10 @@ impl EndpointSource for KubeSource {
 
             tokio::select! {
                 () = cancel.cancelled() => Ok(()),
-                () = drive(pods_watch, "Pod", &notify) => Err(SourceError::Other("pod watch ended".into())),
-                () = pool_watch => Err(SourceError::Other("InferencePool watch ended".into())),
-                () = objectives_watch => Err(SourceError::Other("InferenceObjective watch ended".into())),
-                () = reconcile => Err(SourceError::Other("reconciler stopped: a watch store was dropped".into())),
+                () = drive(pods_watch, "Pod", &notify) => Err(DiscoveryError::Ended("pod watch ended")),
+                () = pool_watch => Err(DiscoveryError::Ended("InferencePool watch ended")),
+                () = objectives_watch => Err(DiscoveryError::Ended("InferenceObjective watch ended")),
+                () = reconcile => Err(DiscoveryError::Ended("reconciler stopped: a watch store was dropped")),
             }
         })
     }

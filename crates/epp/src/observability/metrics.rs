@@ -2,9 +2,11 @@
 //! dashboards and alerts keep working.
 //!
 //! Request families are fed by [`RequestObserver`] (one call when a request is routed, one
-//! when its stream ends), scheduler families by [`SchedulerObserver`] (per-plugin timers
-//! resolved once at start-up, so the request path does no label lookups for them), and the
-//! pool gauges are computed from the current snapshot when `/metrics` is scraped.
+//! when its stream ends), scheduler families by [`PluginObserver`] (per-plugin timers
+//! resolved once at start-up, so the request path does no label lookups for them), the
+//! families plugins register for themselves (prefix-index hits, say) through
+//! [`PluginMetrics`], and the pool gauges are computed from the current snapshot when
+//! `/metrics` is scraped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +20,8 @@ use prometheus_client::registry::Registry;
 
 use super::pool::PoolCollector;
 use crate::datalayer::EndpointStore;
+use crate::framework::plugin::{PluginMetrics, PluginObserver, Timer};
 use crate::protocol::{RequestObserver, RequestRecord};
-use crate::scheduling::{PrefixHit, SchedulerObserver, Timer};
 
 /// `model_name`, `target_model_name`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,8 +137,6 @@ pub struct EppMetrics {
     running_requests: Family<RunningLabels, Gauge>,
     scheduler_e2e: Histogram,
     plugin_duration: HistogramFamily<PluginLabels>,
-    prefix_hit_ratio: Histogram,
-    prefix_hit_bytes: Histogram,
     attempts: Family<AttemptLabels, Counter>,
 }
 
@@ -148,13 +148,13 @@ impl std::fmt::Debug for EppMetrics {
 
 impl EppMetrics {
     /// Registers every family. `pool` labels the pool gauges; `namespace` the pick counter;
-    /// `prefix_indexes` feed the index-size gauge.
+    /// `plugins` holds the families plugins registered.
     pub fn new(
         store: Arc<EndpointStore>,
         pool: &str,
         namespace: &str,
         staleness: Duration,
-        prefix_indexes: Vec<Arc<crate::prefix::PrefixIndex>>,
+        plugins: PluginMetrics,
     ) -> Self {
         let mut registry = Registry::default();
         let request_total = Family::<ModelLabels, Counter>::default();
@@ -170,9 +170,6 @@ impl EppMetrics {
         let running_requests = Family::<RunningLabels, Gauge>::default();
         let scheduler_e2e = scheduler_histogram();
         let plugin_duration = HistogramFamily::new_with_constructor(scheduler_histogram as fn() -> Histogram);
-        let prefix_hit_ratio = Histogram::new((0..=10).map(|i| f64::from(i) / 10.0));
-        let prefix_hit_bytes =
-            Histogram::new(std::iter::once(0.0).chain((4..=16).map(|p| f64::from(1u32 << p))));
         let attempts = Family::<AttemptLabels, Counter>::default();
         let info = Family::<InfoLabels, Gauge>::default();
         info.get_or_create(&InfoLabels {
@@ -238,16 +235,11 @@ impl EppMetrics {
             format!("{a}Plugin latency distribution in seconds for each extension point, plugin type and plugin name"),
             plugin_duration.clone(),
         );
-        registry.register(
-            "inference_extension_prefix_indexer_hit_ratio",
-            format!("{a}Ratio of the request's prefix blocks found on the chosen endpoint"),
-            prefix_hit_ratio.clone(),
-        );
-        registry.register(
-            "inference_extension_prefix_indexer_hit_bytes",
-            format!("{a}Length of the request's prefix found on the chosen endpoint, in bytes"),
-            prefix_hit_bytes.clone(),
-        );
+        plugins.with(|families| {
+            for (name, (help, histogram)) in &families.histograms {
+                registry.register(name, help.clone(), histogram.clone());
+            }
+        });
         registry.register(
             "inference_extension_scheduler_attempts",
             format!("{a}Scheduling outcomes, with the chosen endpoint on success: where traffic goes"),
@@ -258,12 +250,7 @@ impl EppMetrics {
             format!("{a}General information of the current build"),
             info,
         );
-        registry.register_collector(Box::new(PoolCollector::new(
-            store,
-            pool,
-            staleness,
-            prefix_indexes,
-        )));
+        registry.register_collector(Box::new(PoolCollector::new(store, pool, staleness, plugins)));
 
         Self {
             registry,
@@ -278,8 +265,6 @@ impl EppMetrics {
             running_requests,
             scheduler_e2e,
             plugin_duration,
-            prefix_hit_ratio,
-            prefix_hit_bytes,
             attempts,
         }
     }
@@ -372,7 +357,7 @@ impl RequestObserver for EppMetrics {
     }
 }
 
-impl SchedulerObserver for EppMetrics {
+impl PluginObserver for EppMetrics {
     fn plugin_timer(
         &self,
         extension_point: &'static str,
@@ -392,14 +377,5 @@ impl SchedulerObserver for EppMetrics {
 
     fn cycle(&self, elapsed: Duration) {
         self.scheduler_e2e.observe(elapsed.as_secs_f64());
-    }
-
-    fn prefix_hit(&self, hit: PrefixHit) {
-        if hit.total_blocks > 0 {
-            self.prefix_hit_ratio
-                .observe(hit.matched_blocks as f64 / hit.total_blocks as f64);
-            self.prefix_hit_bytes
-                .observe((hit.matched_blocks * hit.block_bytes) as f64);
-        }
     }
 }

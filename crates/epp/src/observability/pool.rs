@@ -1,5 +1,5 @@
-//! Pool gauges, computed from the current snapshot when `/metrics` is scraped: always current,
-//! and no background task to own.
+//! Pool gauges, computed from the current snapshot when `/metrics` is scraped, and the gauges
+//! plugins register to be computed then too: always current, and no background task to own.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use tokio::time::Instant;
 
 use crate::datalayer::EndpointStore;
-use crate::prefix::PrefixIndex;
+use crate::framework::plugin::PluginMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabels {
@@ -29,7 +29,7 @@ pub struct PoolCollector {
     store: Arc<EndpointStore>,
     pool: String,
     staleness: Duration,
-    prefix_indexes: Vec<Arc<PrefixIndex>>,
+    plugins: PluginMetrics,
 }
 
 impl std::fmt::Debug for PoolCollector {
@@ -42,17 +42,12 @@ impl std::fmt::Debug for PoolCollector {
 
 impl PoolCollector {
     /// A collector for `pool`.
-    pub fn new(
-        store: Arc<EndpointStore>,
-        pool: &str,
-        staleness: Duration,
-        prefix_indexes: Vec<Arc<PrefixIndex>>,
-    ) -> Self {
+    pub fn new(store: Arc<EndpointStore>, pool: &str, staleness: Duration, plugins: PluginMetrics) -> Self {
         Self {
             store,
             pool: pool.to_owned(),
             staleness,
-            prefix_indexes,
+            plugins,
         }
     }
 }
@@ -78,7 +73,7 @@ impl Collector for PoolCollector {
         let fresh: Vec<_> = snapshot
             .endpoints()
             .iter()
-            .filter(|e| e.metrics.is_fresh(now, self.staleness))
+            .filter(|e| e.metrics().is_fresh(now, self.staleness))
             .collect();
         let pool = PoolLabels {
             name: self.pool.clone(),
@@ -88,10 +83,10 @@ impl Collector for PoolCollector {
             (0.0, 0.0)
         } else {
             (
-                fresh.iter().map(|e| e.metrics.kv_cache_usage).sum::<f64>() / n,
+                fresh.iter().map(|e| e.metrics().kv_cache_usage).sum::<f64>() / n,
                 fresh
                     .iter()
-                    .map(|e| f64::from(e.metrics.waiting_queue))
+                    .map(|e| f64::from(e.metrics().waiting_queue))
                     .sum::<f64>()
                     / n,
             )
@@ -124,7 +119,7 @@ impl Collector for PoolCollector {
                         name: self.pool.clone(),
                         model_server_pod: e.endpoint.name.to_string(),
                     },
-                    f64::from(e.metrics.waiting_queue),
+                    f64::from(e.metrics().waiting_queue),
                 )
             })
             .collect();
@@ -136,14 +131,15 @@ impl Collector for PoolCollector {
             ),
             &per_pod,
         )?;
-        let entries: usize = self.prefix_indexes.iter().map(|i| i.entries()).sum();
-        let family = encoder.encode_descriptor(
-            "inference_extension_prefix_indexer_size",
-            &format!("{a}Size of the prefix indexer"),
-            None,
-            MetricType::Gauge,
-        )?;
-        ConstGauge::new(entries as f64).encode(family)?;
+        // Gauges plugins compute at scrape time (the prefix index size, say).
+        self.plugins.with(|families| {
+            for (name, (help, reads)) in &families.gauges {
+                let total: i64 = reads.iter().map(|r| r()).sum();
+                let family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                ConstGauge::new(total as f64).encode(family)?;
+            }
+            Ok::<(), std::fmt::Error>(())
+        })?;
         Ok(())
     }
 }

@@ -2,7 +2,9 @@
 //! the reference's status codes and `inference gateway: <Code> - <message>` bodies, or a gRPC
 //! error that makes the gateway apply its failure mode.
 
-use crate::request::{DirectorError, RequestError};
+use crate::framework::requestcontrol::DispatchError;
+use crate::request::RequestError;
+use crate::requestcontrol::DirectorError;
 
 /// Errors that end a stream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,6 +59,12 @@ impl StreamError {
                 DirectorError::Scheduling(_) | DirectorError::Shed => {
                     immediate(429, "InferencePoolResourceExhausted", d)
                 }
+                DirectorError::Dispatch(DispatchError::Rejected(_)) => {
+                    immediate(429, "InferencePoolResourceExhausted", d)
+                }
+                DirectorError::Dispatch(DispatchError::Expired | DispatchError::Shutdown) => {
+                    immediate(503, "ServiceUnavailable", d)
+                }
             },
             Self::UnsupportedBodyMode(_) => immediate(500, "Internal", self),
             Self::OutOfOrder(_) => ErrorAnswer::Abort(tonic::Status::failed_precondition(self.to_string())),
@@ -67,7 +75,7 @@ impl StreamError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduling::SchedulingError;
+    use crate::framework::scheduling::SchedulingError;
 
     fn status_and_body(e: DirectorError) -> (u16, String) {
         match StreamError::from(e).answer() {
@@ -110,6 +118,14 @@ mod tests {
         assert_eq!(
             status_and_body(RequestError::BodyTooLarge { limit: 10 }.into()).0,
             413
+        );
+        assert_eq!(
+            status_and_body(DirectorError::Dispatch(DispatchError::Rejected("full".into()))).0,
+            429
+        );
+        assert_eq!(
+            status_and_body(DirectorError::Dispatch(DispatchError::Expired)).0,
+            503
         );
         assert!(matches!(
             StreamError::from(DirectorError::NotSynced).answer(),

@@ -28,7 +28,8 @@ pub use observer::{NoopObserver, RequestObserver, RequestRecord};
 pub use stream::{ExtProcStream, Step};
 pub use usage::{Usage, UsageParser, usage_of};
 
-use crate::request::Director;
+use crate::framework::requestcontrol::{DispatchError, Wait};
+use crate::requestcontrol::Director;
 
 /// gRPC service name of ext_proc (also a health-check service name).
 pub const SERVICE_NAME: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
@@ -91,6 +92,58 @@ struct Driver {
     batch: Vec<ProcessingResponse>,
     end: Option<Result<(), Status>>,
     done: bool,
+    /// A request waiting for dispatch.
+    waiting: Option<Wait>,
+    /// Messages Envoy sent while the request waited, handled once it goes on.
+    deferred: VecDeque<ProcessingRequest>,
+}
+
+impl Driver {
+    fn apply(&mut self, step: Step) {
+        self.queue.extend(self.batch.drain(..));
+        match step {
+            Step::Continue => {}
+            Step::Close => self.end = Some(Ok(())),
+            Step::Fail(status) => self.end = Some(Err(status)),
+            Step::Wait(wait) => self.waiting = Some(wait),
+        }
+    }
+
+    /// The next message from Envoy: a deferred one first. `None` when the stream is over.
+    async fn next_message(&mut self) -> Option<ProcessingRequest> {
+        if let Some(msg) = self.deferred.pop_front() {
+            return Some(msg);
+        }
+        match self.inbound.message().await {
+            Ok(Some(msg)) => Some(msg),
+            Ok(None) => None,
+            Err(status) => {
+                if is_normal_end(&status) {
+                    tracing::trace!(%status, "ext_proc stream reset by the gateway");
+                } else {
+                    tracing::warn!(%status, "ext_proc stream failed");
+                }
+                None
+            }
+        }
+    }
+
+    /// Awaits a dispatch wait, keeping what Envoy sends meanwhile. `None` when the gateway
+    /// went away first: the wait is dropped, which withdraws the request.
+    async fn await_dispatch(&mut self, mut wait: Wait) -> Option<Result<(), DispatchError>> {
+        loop {
+            tokio::select! {
+                outcome = &mut wait => return Some(outcome),
+                msg = self.inbound.message() => match msg {
+                    Ok(Some(msg)) => self.deferred.push_back(msg),
+                    Ok(None) | Err(_) => {
+                        tracing::debug!("gateway went away while the request waited for dispatch");
+                        return None;
+                    }
+                },
+            }
+        }
+    }
 }
 
 /// Response stream type of [`ExtProcService`].
@@ -111,6 +164,8 @@ impl ExternalProcessor for ExtProcService {
             batch: Vec::new(),
             end: None,
             done: false,
+            waiting: None,
+            deferred: VecDeque::new(),
         };
         let out = futures_util::stream::unfold(driver, |mut d| async move {
             loop {
@@ -128,26 +183,15 @@ impl ExternalProcessor for ExtProcService {
                     }
                     None => {}
                 }
-                match d.inbound.message().await {
-                    Ok(Some(msg)) => {
-                        let step = d.stream.handle(msg, &mut d.batch);
-                        d.queue.extend(d.batch.drain(..));
-                        match step {
-                            Step::Continue => {}
-                            Step::Close => d.end = Some(Ok(())),
-                            Step::Fail(status) => d.end = Some(Err(status)),
-                        }
-                    }
-                    Ok(None) => return None,
-                    Err(status) => {
-                        if is_normal_end(&status) {
-                            tracing::trace!(%status, "ext_proc stream reset by the gateway");
-                        } else {
-                            tracing::warn!(%status, "ext_proc stream failed");
-                        }
-                        return None;
-                    }
+                if let Some(wait) = d.waiting.take() {
+                    let outcome = d.await_dispatch(wait).await?;
+                    let step = d.stream.resume(outcome, &mut d.batch);
+                    d.apply(step);
+                    continue;
                 }
+                let msg = d.next_message().await?;
+                let step = d.stream.handle(msg, &mut d.batch);
+                d.apply(step);
             }
         });
         Ok(Response::new(Box::pin(out)))

@@ -8,6 +8,9 @@
 //! * BUFFERED: the headers are answered at once, the single body message with the routing
 //!   header mutation; the body itself passes untouched.
 //! * A header-only request (GET) is routed at once, to a random endpoint.
+//! * When the dispatcher makes a request wait, [`ExtProcStream::handle`] returns
+//!   [`Step::Wait`]; the driver awaits it (buffering whatever Envoy sends meanwhile) and calls
+//!   [`ExtProcStream::resume`], which sends the answers the routing step would have sent.
 //!
 //! The stream never ends itself before the whole body has been returned: ending early makes
 //! Envoy forward an empty body.
@@ -27,13 +30,11 @@ use super::error::{ErrorAnswer, StreamError};
 use super::observer::{RequestObserver, RequestRecord};
 use super::usage::UsageParser;
 use super::wire;
-use crate::datalayer::InFlight;
-use crate::request::{
-    Decision, Director, DirectorError, RequestError, RequestHeaders, RequestInfo, Subset, keys,
-};
+use crate::framework::requestcontrol::{DispatchError, Wait};
+use crate::request::{RequestError, RequestHeaders, keys};
+use crate::requestcontrol::{Decision, Director, DirectorError, RequestInfo, Routing, Subset};
 
 /// Whether the stream goes on after a message.
-#[derive(Debug)]
 pub enum Step {
     /// Wait for the next message.
     Continue,
@@ -41,6 +42,31 @@ pub enum Step {
     Close,
     /// Send what was queued, then fail the stream with this status.
     Fail(tonic::Status),
+    /// The request waits for dispatch: await this, then call [`ExtProcStream::resume`].
+    Wait(Wait),
+}
+
+impl std::fmt::Debug for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Continue => f.write_str("Continue"),
+            Self::Close => f.write_str("Close"),
+            Self::Fail(s) => write!(f, "Fail({s})"),
+            Self::Wait(_) => f.write_str("Wait"),
+        }
+    }
+}
+
+/// What a request waiting for dispatch will be answered with once it may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    /// Full duplex: the headers answer and the body chunks; trailers end the body when set.
+    FullDuplex {
+        /// Request trailers ended the body: end the chunks without EoS and answer them last.
+        trailers: bool,
+    },
+    /// Buffered: the body answer with the routing mutation.
+    Buffered,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,8 +96,12 @@ pub struct ExtProcStream {
     usage: Option<UsageParser>,
     record: RequestRecord,
     span: tracing::Span,
-    /// Counts the request against its endpoint's load until the response is complete.
-    in_flight: Option<InFlight>,
+    /// What plugins hold for the request until its response is complete.
+    held: Vec<Box<dyn Send>>,
+    /// A request waiting for dispatch.
+    pending: Option<Pending>,
+    /// The wait the director handed out, until the driver takes it.
+    waiting: Option<Wait>,
 }
 
 impl ExtProcStream {
@@ -97,7 +127,9 @@ impl ExtProcStream {
                 model = tracing::field::Empty,
                 pick = tracing::field::Empty
             ),
-            in_flight: None,
+            held: Vec::new(),
+            pending: None,
+            waiting: None,
         }
     }
 
@@ -237,7 +269,7 @@ impl ExtProcStream {
             Phase::CollectingBody => {
                 self.append(b.body)?;
                 if b.end_of_stream {
-                    self.route_full_duplex(false, out)?;
+                    return self.route_full_duplex(false, out);
                 }
                 Ok(Step::Continue)
             }
@@ -250,19 +282,16 @@ impl ExtProcStream {
                 } else {
                     chunks.concat()
                 };
-                let mut decision = self.decide(&body)?;
-                let content_length = decision.body.as_ref().map(Vec::len);
-                let (mut common, md) = self.routing(&decision, content_length);
-                // The rewritten body moves into the answer: no second copy.
-                if let Some(new_body) = decision.body.take() {
-                    common.body_mutation = Some(BodyMutation {
-                        mutation: Some(body_mutation::Mutation::Body(new_body)),
-                    });
+                match self.decide(&body)? {
+                    Some(decision) => {
+                        self.answer_buffered(decision, body.len(), out);
+                        Ok(Step::Continue)
+                    }
+                    None => {
+                        self.chunks = vec![body];
+                        self.wait(Pending::Buffered)
+                    }
                 }
-                out.push(wire::request_body(common, Some(md)));
-                self.record.request_bytes = content_length.unwrap_or(body.len());
-                self.routed(&mut decision);
-                Ok(Step::Continue)
             }
             Phase::Routed => {
                 // Extra body messages after a decision (buffered partial): pass them on.
@@ -279,10 +308,16 @@ impl ExtProcStream {
 
     fn request_trailers(&mut self, out: &mut Vec<ProcessingResponse>) -> Result<Step, StreamError> {
         match self.phase {
-            Phase::CollectingBody => self.route_full_duplex(true, out)?,
+            Phase::CollectingBody => {
+                if let step @ Step::Wait(_) = self.route_full_duplex(true, out)? {
+                    return Ok(step);
+                }
+            }
             Phase::AwaitingBufferedBody => {
                 // Trailers without a body message: route on an empty body (it will be a 400).
-                self.request_body(HttpBody::default(), out)?;
+                if let step @ Step::Wait(_) = self.request_body(HttpBody::default(), out)? {
+                    return Ok(step);
+                }
             }
             Phase::Start | Phase::Routed => {}
         }
@@ -290,21 +325,106 @@ impl ExtProcStream {
         Ok(Step::Continue)
     }
 
+    /// Parks the request until the dispatcher lets it go on.
+    fn wait(&mut self, pending: Pending) -> Result<Step, StreamError> {
+        let Some(wait) = self.waiting.take() else {
+            return Err(StreamError::OutOfOrder("dispatch wait without a ticket"));
+        };
+        self.pending = Some(pending);
+        Ok(Step::Wait(wait))
+    }
+
+    /// Continues a request that waited for dispatch: `outcome` is what the wait resolved to.
+    /// Appends the answers the routing step would have sent, in order.
+    pub fn resume(&mut self, outcome: Result<(), DispatchError>, out: &mut Vec<ProcessingResponse>) -> Step {
+        let span = self.span.clone();
+        let _entered = span.enter();
+        let result = match (self.pending.take(), outcome) {
+            (None, _) => Err(StreamError::OutOfOrder("resume without a waiting request")),
+            (Some(_), Err(e)) => Err(DirectorError::Dispatch(e).into()),
+            (Some(pending), Ok(())) => self.dispatched(pending, out),
+        };
+        match result {
+            Ok(step) => step,
+            Err(e) => self.fail(e, out),
+        }
+    }
+
+    fn dispatched(
+        &mut self,
+        pending: Pending,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<Step, StreamError> {
+        let chunks = std::mem::take(&mut self.chunks);
+        match pending {
+            Pending::FullDuplex { trailers } => {
+                let decision = {
+                    let joined = join(&chunks);
+                    self.decide_dispatched(&joined)?
+                };
+                self.answer_full_duplex(decision, chunks, trailers, out);
+                if trailers {
+                    out.push(wire::trailers(true));
+                }
+            }
+            Pending::Buffered => {
+                let body = chunks.concat();
+                let decision = self.decide_dispatched(&body)?;
+                self.answer_buffered(decision, body.len(), out);
+            }
+        }
+        Ok(Step::Continue)
+    }
+
+    fn answer_buffered(
+        &mut self,
+        mut decision: Decision,
+        body_len: usize,
+        out: &mut Vec<ProcessingResponse>,
+    ) {
+        let content_length = decision.body.as_ref().map(Vec::len);
+        let (mut common, md) = self.routing(&decision, content_length);
+        // The rewritten body moves into the answer: no second copy.
+        if let Some(new_body) = decision.body.take() {
+            common.body_mutation = Some(BodyMutation {
+                mutation: Some(body_mutation::Mutation::Body(new_body)),
+            });
+        }
+        out.push(wire::request_body(common, Some(md)));
+        self.record.request_bytes = content_length.unwrap_or(body_len);
+        self.routed(&mut decision);
+    }
+
     /// Full-duplex end of body: decide, then send the headers answer and the body chunks.
     fn route_full_duplex(
         &mut self,
-        trailers_follow: bool,
+        trailers: bool,
         out: &mut Vec<ProcessingResponse>,
-    ) -> Result<(), StreamError> {
+    ) -> Result<Step, StreamError> {
         let chunks = std::mem::take(&mut self.chunks);
-        // Parse in place when the body arrived in one piece; join (the one copy) otherwise.
-        let joined: Cow<'_, [u8]> = match chunks.as_slice() {
-            [] => Cow::Borrowed(&[]),
-            [one] => Cow::Borrowed(one.as_slice()),
-            many => Cow::Owned(many.concat()),
+        let decision = {
+            let joined = join(&chunks);
+            self.decide(&joined)?
         };
-        let mut decision = self.decide(&joined)?;
-        drop(joined);
+        match decision {
+            Some(decision) => {
+                self.answer_full_duplex(decision, chunks, trailers, out);
+                Ok(Step::Continue)
+            }
+            None => {
+                self.chunks = chunks;
+                self.wait(Pending::FullDuplex { trailers })
+            }
+        }
+    }
+
+    fn answer_full_duplex(
+        &mut self,
+        mut decision: Decision,
+        chunks: Vec<Vec<u8>>,
+        trailers: bool,
+        out: &mut Vec<ProcessingResponse>,
+    ) {
         let body_chunks = match decision.body.take() {
             Some(new_body) => vec![new_body],
             None => chunks,
@@ -312,20 +432,42 @@ impl ExtProcStream {
         let len: usize = body_chunks.iter().map(Vec::len).sum();
         let (common, md) = self.routing(&decision, Some(len));
         out.push(wire::request_headers(common, Some(md)));
-        wire::push_body_chunks(body_chunks, !trailers_follow, out);
+        wire::push_body_chunks(body_chunks, !trailers, out);
         self.record.request_bytes = len;
         self.routed(&mut decision);
-        Ok(())
     }
 
-    fn decide(&mut self, body: &[u8]) -> Result<Decision, StreamError> {
+    /// Routes on `body`: the decision, or `None` when the dispatcher made the request wait
+    /// (the ticket is kept in `self.waiting`).
+    fn decide(&mut self, body: &[u8]) -> Result<Option<Decision>, StreamError> {
         let Some(info) = &self.info else {
             return Err(StreamError::OutOfOrder("request body before headers"));
         };
-        let decision = self.director.route(info, body, &self.subset)?;
+        match self.director.route(info, body, &self.subset)? {
+            Routing::Ready(decision) => {
+                self.note_models(&decision);
+                Ok(Some(decision))
+            }
+            Routing::Wait(wait) => {
+                tracing::debug!(request_id = %info.request_id, "request waits for dispatch");
+                self.waiting = Some(wait);
+                Ok(None)
+            }
+        }
+    }
+
+    fn decide_dispatched(&mut self, body: &[u8]) -> Result<Decision, StreamError> {
+        let Some(info) = &self.info else {
+            return Err(StreamError::OutOfOrder("request body before headers"));
+        };
+        let decision = self.director.route_dispatched(info, body, &self.subset)?;
+        self.note_models(&decision);
+        Ok(decision)
+    }
+
+    fn note_models(&mut self, decision: &Decision) {
         self.record.model.clone_from(&decision.model);
         self.record.target_model.clone_from(&decision.target_model);
-        Ok(decision)
     }
 
     /// Header mutation and metadata of a decision.
@@ -340,6 +482,9 @@ impl ExtProcStream {
         if let Some(info) = self.info.as_ref().filter(|i| i.generated_id) {
             headers.push(wire::set_header(keys::REQUEST_ID, info.request_id.as_bytes()));
         }
+        for (name, value) in &decision.headers {
+            headers.push(wire::set_header(name, value.as_bytes()));
+        }
         (
             wire::routing_common(headers),
             wire::lb_metadata(&decision.destinations),
@@ -348,7 +493,7 @@ impl ExtProcStream {
 
     fn routed(&mut self, decision: &mut Decision) {
         self.phase = Phase::Routed;
-        self.in_flight = decision.in_flight.take();
+        self.held = std::mem::take(&mut decision.held);
         self.record.destinations = Some(decision.destinations.clone());
         self.record.primary = Some(decision.primary.clone());
         self.span.record("model", decision.target_model.as_str());
@@ -398,7 +543,7 @@ impl ExtProcStream {
             return;
         }
         self.record.response_complete = true;
-        self.in_flight = None;
+        self.held.clear();
         if let Some(mut p) = self.usage.take() {
             self.record.usage = p.finish();
         }
@@ -410,6 +555,16 @@ impl Drop for ExtProcStream {
         if !self.first {
             self.observer.finished(&self.record);
         }
+    }
+}
+
+/// The body as one slice: in place when it arrived in one piece, joined (the one copy)
+/// otherwise.
+fn join(chunks: &[Vec<u8>]) -> Cow<'_, [u8]> {
+    match chunks {
+        [] => Cow::Borrowed(&[]),
+        [one] => Cow::Borrowed(one.as_slice()),
+        many => Cow::Owned(many.concat()),
     }
 }
 

@@ -28,6 +28,24 @@ pub mod keys {
     pub const ORIGINAL_PATH: &str = "x-original-path";
     /// Second fallback for the path.
     pub const FORWARDED_PATH: &str = "x-forwarded-path";
+    /// Default fairness id when a request names none (the reference's `default-flow`).
+    pub const DEFAULT_FAIRNESS_ID: &str = "default-flow";
+
+    /// Whether `name` (lowercase) is a header the protocol owns, which plugins must not set:
+    /// the destination, its subset and served keys, and the body length (the reference's
+    /// "system-owned" headers, v1.3+).
+    pub fn is_system_owned(name: &str) -> bool {
+        matches!(
+            name,
+            DESTINATION
+                | DESTINATION_SERVED
+                | DESTINATION_SUBSET
+                | "content-length"
+                | ":path"
+                | ":authority"
+                | ":method"
+        )
+    }
 }
 
 /// The request's headers in arrival order. Envoy sends lowercase names (HTTP/2 form).

@@ -4,17 +4,13 @@
 //! wherever it can (the prompt is not copied unless JSON escapes force it), keeps the byte
 //! span of the `model` value so a rewrite can splice the body instead of re-serialising it,
 //! and reports every malformed input as a [`RequestError`] that the protocol layer turns into
-//! a 400. The [`Director`] turns a complete request into a routing decision.
+//! a 400. The director ([`crate::requestcontrol`]) turns a complete request into a routing
+//! decision.
 
 mod body;
-mod director;
 mod headers;
 
 pub use body::{ApiKind, ParsedBody, parse_body, rewrite_model};
-pub use director::{
-    DEFAULT_MAX_BODY_BYTES, DEFAULT_STALENESS, Decision, Director, DirectorConfig, DirectorError,
-    RequestInfo, Subset,
-};
 pub use headers::{RequestHeaders, keys};
 
 /// Why a request cannot be scheduled. Each variant becomes an HTTP error at the protocol edge.

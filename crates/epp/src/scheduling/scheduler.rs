@@ -6,71 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
-use super::SchedulingError;
-use super::framework::{
-    EndpointsChanged, Filter, Picker, PreRequest, ProfileHandler, ProfileRun, SchedulerObserver,
-    SchedulingRequest, SchedulingResult, Scorer, Timer,
+use crate::framework::data::CycleState;
+use crate::framework::plugin::{Named, PluginObserver};
+use crate::framework::scheduling::{
+    Candidate, Filter, Picker, ProfileHandler, ProfileRun, SchedulingError, SchedulingRequest,
+    SchedulingResult, Scorer, Target,
 };
-use crate::datalayer::{EndpointState, Snapshot};
-use crate::prefix::PrefixIndex;
-
-/// A plugin role with the name and type it was configured under.
-pub struct Named<T: ?Sized> {
-    /// Configured plugin name.
-    pub name: Arc<str>,
-    /// Plugin type.
-    pub type_name: Arc<str>,
-    /// The plugin.
-    pub plugin: Arc<T>,
-    /// Duration observer, attached by [`Scheduler::with_observer`].
-    pub timer: Option<Timer>,
-}
-
-impl<T: ?Sized> Named<T> {
-    /// A named plugin without timer.
-    pub fn new(name: Arc<str>, type_name: Arc<str>, plugin: Arc<T>) -> Self {
-        Self {
-            name,
-            type_name,
-            plugin,
-            timer: None,
-        }
-    }
-
-    /// Runs `f` on the plugin, timing it when a timer is attached.
-    fn timed<R>(&self, f: impl FnOnce(&T) -> R) -> R {
-        match &self.timer {
-            Some(timer) => {
-                let start = std::time::Instant::now();
-                let r = f(&self.plugin);
-                timer(start.elapsed());
-                r
-            }
-            None => f(&self.plugin),
-        }
-    }
-
-    fn attach(&mut self, observer: &dyn SchedulerObserver, point: &'static str) {
-        self.timer = observer.plugin_timer(point, &self.type_name, &self.name);
-    }
-}
-
-impl<T: ?Sized> Clone for Named<T> {
-    fn clone(&self) -> Self {
-        Self {
-            name: self.name.clone(),
-            type_name: self.type_name.clone(),
-            plugin: self.plugin.clone(),
-            timer: self.timer.clone(),
-        }
-    }
-}
-
-impl<T: ?Sized> std::fmt::Debug for Named<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.name)
-    }
-}
 
 /// A scorer with its profile weight.
 #[derive(Clone, Debug)]
@@ -104,15 +45,16 @@ impl Profile {
     pub fn run<'s>(
         &self,
         req: &SchedulingRequest<'_>,
-        candidates: &[&'s EndpointState],
+        state: &CycleState,
+        candidates: &[Candidate<'s>],
         rng: &mut SmallRng,
-    ) -> Result<Vec<&'s EndpointState>, SchedulingError> {
+    ) -> Result<Vec<Candidate<'s>>, SchedulingError> {
         if candidates.is_empty() {
             return Err(SchedulingError::NoCandidates);
         }
-        let mut filtered: Option<Vec<&'s EndpointState>> = None;
+        let mut filtered: Option<Vec<Candidate<'s>>> = None;
         for f in &self.filters {
-            let next = f.timed(|p| p.filter(req, filtered.as_deref().unwrap_or(candidates)));
+            let next = f.timed(|p| p.filter(req, state, filtered.as_deref().unwrap_or(candidates)));
             if next.is_empty() {
                 return Err(SchedulingError::FilteredOut {
                     profile: self.name.to_string(),
@@ -128,7 +70,7 @@ impl Profile {
             let mut scratch = vec![0.0; cands.len()];
             for ws in &self.scorers {
                 scratch.fill(0.0);
-                ws.scorer.timed(|p| p.score(req, cands, &mut scratch));
+                ws.scorer.timed(|p| p.score(req, state, cands, &mut scratch));
                 for (t, s) in totals.iter_mut().zip(&scratch) {
                     *t += ws.weight * clamp_score(*s);
                 }
@@ -136,12 +78,12 @@ impl Profile {
         }
 
         let picks = self.picker.timed(|p| p.pick(cands, &totals, rng));
-        let mut chosen: Vec<&'s EndpointState> = Vec::with_capacity(picks.len());
+        let mut chosen: Vec<Candidate<'s>> = Vec::with_capacity(picks.len());
         for i in picks {
             if let Some(c) = cands.get(i)
-                && !chosen.iter().any(|x| std::ptr::eq(*x, *c))
+                && !chosen.iter().any(|x| x.index == c.index)
             {
-                chosen.push(c);
+                chosen.push(*c);
             }
         }
         if chosen.is_empty() {
@@ -159,10 +101,7 @@ pub struct Scheduler {
     profiles: Vec<Profile>,
     profile_names: Vec<Arc<str>>,
     handler: Named<dyn ProfileHandler>,
-    pre_request: Vec<Named<dyn PreRequest>>,
-    endpoints_changed: Vec<Arc<dyn EndpointsChanged>>,
-    prefix_indexes: Vec<Arc<PrefixIndex>>,
-    observer: Option<Arc<dyn SchedulerObserver>>,
+    observer: Option<Arc<dyn PluginObserver>>,
     seed: u64,
     cycles: AtomicU64,
 }
@@ -172,7 +111,6 @@ impl std::fmt::Debug for Scheduler {
         f.debug_struct("Scheduler")
             .field("profiles", &self.profiles)
             .field("handler", &self.handler)
-            .field("pre_request", &self.pre_request)
             .finish()
     }
 }
@@ -188,30 +126,20 @@ fn mix(mut z: u64) -> u64 {
 impl Scheduler {
     /// A scheduler over `profiles`. `seed` makes tie-breaks reproducible; `None` seeds from
     /// the operating system.
-    pub fn new(
-        profiles: Vec<Profile>,
-        handler: Named<dyn ProfileHandler>,
-        pre_request: Vec<Named<dyn PreRequest>>,
-        endpoints_changed: Vec<Arc<dyn EndpointsChanged>>,
-        prefix_indexes: Vec<Arc<PrefixIndex>>,
-        seed: Option<u64>,
-    ) -> Self {
+    pub fn new(profiles: Vec<Profile>, handler: Named<dyn ProfileHandler>, seed: Option<u64>) -> Self {
         let seed = seed.unwrap_or_else(|| rand::rng().random());
         Self {
             profile_names: profiles.iter().map(|p| p.name.clone()).collect(),
             profiles,
             handler,
-            pre_request,
-            endpoints_changed,
-            prefix_indexes,
             observer: None,
             seed,
             cycles: AtomicU64::new(0),
         }
     }
 
-    /// Attaches an observer: per-plugin timers, cycle durations and prefix hits.
-    pub fn with_observer(mut self, observer: Arc<dyn SchedulerObserver>) -> Self {
+    /// Attaches an observer: per-plugin timers and cycle durations.
+    pub fn with_observer(mut self, observer: Arc<dyn PluginObserver>) -> Self {
         for p in &mut self.profiles {
             for f in &mut p.filters {
                 f.attach(&*observer, "Filter");
@@ -221,17 +149,9 @@ impl Scheduler {
             }
             p.picker.attach(&*observer, "Picker");
         }
-        for h in &mut self.pre_request {
-            h.attach(&*observer, "PreRequest");
-        }
         self.handler.attach(&*observer, "ProfilePicker");
         self.observer = Some(observer);
         self
-    }
-
-    /// The prefix indexes of the configured plugins.
-    pub fn prefix_indexes(&self) -> &[Arc<PrefixIndex>] {
-        &self.prefix_indexes
     }
 
     /// The profiles, in configuration order.
@@ -251,11 +171,12 @@ impl Scheduler {
         SmallRng::seed_from_u64(mix(self.seed ^ mix(n)))
     }
 
-    /// Runs a cycle over `candidates`.
+    /// Runs a cycle over `candidates`, with what the data producers stored in `state`.
     pub fn schedule(
         &self,
         req: &SchedulingRequest<'_>,
-        candidates: &[&EndpointState],
+        state: &CycleState,
+        candidates: &[Candidate<'_>],
     ) -> Result<SchedulingResult, SchedulingError> {
         if candidates.is_empty() {
             return Err(SchedulingError::NoCandidates);
@@ -267,7 +188,7 @@ impl Scheduler {
         for _ in 0..=self.profiles.len() {
             let next = self
                 .handler
-                .timed(|h| h.pick_profiles(&self.profile_names, &runs));
+                .timed(|h| h.pick_profiles(req, &self.profile_names, &runs));
             let fresh: Vec<usize> = next
                 .into_iter()
                 .filter(|i| *i < self.profiles.len() && !runs.iter().any(|r| r.profile == *i))
@@ -277,9 +198,14 @@ impl Scheduler {
             }
             for i in fresh {
                 let profile = &self.profiles[i];
-                let outcome = profile
-                    .run(req, candidates, &mut rng)
-                    .map(|eps| eps.into_iter().cloned().collect());
+                let outcome = profile.run(req, state, candidates, &mut rng).map(|eps| {
+                    eps.into_iter()
+                        .map(|c| Target {
+                            state: c.state.clone(),
+                            index: c.index,
+                        })
+                        .collect()
+                });
                 runs.push(ProfileRun {
                     profile: i,
                     name: profile.name.clone(),
@@ -287,32 +213,15 @@ impl Scheduler {
                 });
             }
         }
-        let result = self.handler.plugin.process_results(runs);
+        let result = self.handler.plugin.process_results(req, runs);
         if let Some(o) = &self.observer {
             o.cycle(start.elapsed());
         }
         result
     }
 
-    /// Runs the pre-request hooks on a decision.
-    pub fn pre_request(&self, req: &SchedulingRequest<'_>, result: &SchedulingResult) {
-        for hook in &self.pre_request {
-            hook.timed(|p| p.pre_request(req, result));
-        }
-        if let (Some(o), Some(hit)) = (&self.observer, req.cache.prefix_hit.get()) {
-            o.prefix_hit(hit);
-        }
-    }
-
-    /// Tells stateful plugins about a new endpoint set.
-    pub fn endpoints_changed(&self, snapshot: &Snapshot) {
-        for hook in &self.endpoints_changed {
-            hook.endpoints_changed(snapshot);
-        }
-    }
-
     /// A uniformly random candidate, for requests that carry no body to schedule on.
-    pub fn random_endpoint<'s>(&self, candidates: &[&'s EndpointState]) -> Option<&'s EndpointState> {
+    pub fn random_endpoint<T: Copy>(&self, candidates: &[T]) -> Option<T> {
         if candidates.is_empty() {
             return None;
         }

@@ -4,18 +4,24 @@
 //! more (active + waiting < max); 0.6 if the adapter is queued there; else 0. A base model
 //! on servers without LoRA metrics therefore scores 0 everywhere, which changes no ranking.
 
-use crate::datalayer::EndpointState;
-use crate::scheduling::{SchedulingRequest, Scorer};
+use crate::framework::data::CycleState;
+use crate::framework::scheduling::{Candidate, SchedulingRequest, Scorer};
 
 /// See the module docs.
 #[derive(Debug, Default)]
 pub struct LoraAffinityScorer;
 
 impl Scorer for LoraAffinityScorer {
-    fn score(&self, req: &SchedulingRequest<'_>, candidates: &[&EndpointState], scores: &mut [f64]) {
+    fn score(
+        &self,
+        req: &SchedulingRequest<'_>,
+        _state: &CycleState,
+        candidates: &[Candidate<'_>],
+        scores: &mut [f64],
+    ) {
         let target = req.target_model;
         for (s, c) in scores.iter_mut().zip(candidates) {
-            let lora = &c.metrics.lora;
+            let lora = &c.metrics().lora;
             *s = if lora.is_active(target) {
                 1.0
             } else if (lora.active.len() + lora.waiting.len()) < lora.max_active as usize {
@@ -34,20 +40,20 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::datalayer::{Endpoint, LoraInfo, Metrics};
-    use crate::scheduling::plugins::testing::request;
+    use crate::datalayer::{Endpoint, EndpointState, LoraInfo, Metrics};
+    use crate::plugins::testing::{request, score};
 
     fn state(active: &[&str], waiting: &[&str], max: u32) -> EndpointState {
-        EndpointState::new(
+        EndpointState::with_metrics(
             Arc::new(Endpoint::from_address("10.0.0.1:8000".parse().unwrap())),
-            Arc::new(Metrics {
+            Metrics {
                 lora: LoraInfo {
                     active: active.iter().map(|s| Arc::from(*s)).collect(),
                     waiting: waiting.iter().map(|s| Arc::from(*s)).collect(),
                     max_active: max,
                 },
                 ..Metrics::default()
-            }),
+            },
         )
     }
 
@@ -59,11 +65,8 @@ mod tests {
             state(&["a", "b"], &["sql"], 2),
             state(&["a", "b"], &[], 2),
         ];
-        let cands: Vec<_> = s.iter().collect();
         let headers = Default::default();
         let req = request(&headers, "sql", b"");
-        let mut out = vec![0.0; 4];
-        LoraAffinityScorer.score(&req, &cands, &mut out);
-        assert_eq!(out, vec![1.0, 0.8, 0.6, 0.0]);
+        assert_eq!(score(&LoraAffinityScorer, &req, &s), vec![1.0, 0.8, 0.6, 0.0]);
     }
 }

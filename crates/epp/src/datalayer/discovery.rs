@@ -1,5 +1,5 @@
 //! Where endpoints come from. Every source writes the same thing, a full endpoint set, into
-//! the [`EndpointStore`]; the scheduler and scrapers never know which source it was. The
+//! the [`EndpointStore`]; the scheduler and data sources never know which one it was. The
 //! Kubernetes watcher is one more implementation of [`EndpointSource`].
 
 use std::collections::BTreeMap;
@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Endpoint, EndpointStore};
 
-/// A boxed future returned by a source.
-pub type SourceFuture = Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>>;
+/// A boxed future returned by a discovery source.
+pub type SourceFuture = Pin<Box<dyn Future<Output = Result<(), DiscoveryError>> + Send>>;
 
 /// Feeds the store until cancelled.
 pub trait EndpointSource: Send + 'static {
@@ -27,7 +27,7 @@ pub trait EndpointSource: Send + 'static {
 
 /// Why a source could not produce endpoints.
 #[derive(Debug, thiserror::Error)]
-pub enum SourceError {
+pub enum DiscoveryError {
     /// An address that is not `ip:port`.
     #[error("invalid endpoint address '{0}': expected ip:port, e.g. 127.0.0.1:8000 or [fd00::1]:8000")]
     Address(String),
@@ -52,18 +52,20 @@ pub enum SourceError {
     /// The same address twice.
     #[error("endpoint {0} is listed twice")]
     Duplicate(String),
-    /// A source-specific failure (e.g. the Kubernetes API).
+    /// A watch or reconciler that should run forever stopped (Kubernetes discovery).
     #[error("{0}")]
-    Other(String),
+    Ended(&'static str),
 }
 
 /// Parses `--static-endpoints` (`ip:port,ip:port`).
-pub fn parse_static(list: &str) -> Result<Vec<Endpoint>, SourceError> {
+pub fn parse_static(list: &str) -> Result<Vec<Endpoint>, DiscoveryError> {
     let mut out: Vec<Endpoint> = Vec::new();
     for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let addr: SocketAddr = item.parse().map_err(|_| SourceError::Address(item.to_owned()))?;
+        let addr: SocketAddr = item
+            .parse()
+            .map_err(|_| DiscoveryError::Address(item.to_owned()))?;
         if out.iter().any(|e| e.address == addr) {
-            return Err(SourceError::Duplicate(item.to_owned()));
+            return Err(DiscoveryError::Duplicate(item.to_owned()));
         }
         out.push(Endpoint::from_address(addr));
     }
@@ -115,11 +117,11 @@ enum FileDoc {
 /// ```
 ///
 /// A bare list of entries is accepted too.
-pub fn parse_endpoints_file(path: &Path, text: &str) -> Result<Vec<Endpoint>, SourceError> {
+pub fn parse_endpoints_file(path: &Path, text: &str) -> Result<Vec<Endpoint>, DiscoveryError> {
     let doc: FileDoc = if text.trim().is_empty() {
         FileDoc::List(Vec::new())
     } else {
-        serde_yaml::from_str(text).map_err(|source| SourceError::Parse {
+        serde_yaml::from_str(text).map_err(|source| DiscoveryError::Parse {
             path: path.to_owned(),
             source,
         })?
@@ -133,9 +135,9 @@ pub fn parse_endpoints_file(path: &Path, text: &str) -> Result<Vec<Endpoint>, So
             .address
             .trim()
             .parse()
-            .map_err(|_| SourceError::Address(e.address.clone()))?;
+            .map_err(|_| DiscoveryError::Address(e.address.clone()))?;
         if out.iter().any(|x| x.address == addr) {
-            return Err(SourceError::Duplicate(e.address));
+            return Err(DiscoveryError::Duplicate(e.address));
         }
         let mut ep = match e.name {
             Some(name) => Endpoint::new(name, addr),
@@ -165,9 +167,9 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 
 impl FileSource {
     /// Loads `path` now (so start-up fails on a bad file) and polls it every `poll`.
-    pub fn load(path: PathBuf, poll: Duration) -> Result<Self, SourceError> {
+    pub fn load(path: PathBuf, poll: Duration) -> Result<Self, DiscoveryError> {
         let stamp = stamp(&path);
-        let text = std::fs::read_to_string(&path).map_err(|source| SourceError::Read {
+        let text = std::fs::read_to_string(&path).map_err(|source| DiscoveryError::Read {
             path: path.clone(),
             source,
         })?;
@@ -205,7 +207,7 @@ impl EndpointSource for FileSource {
                 stamp = now;
                 let loaded = match tokio::fs::read_to_string(&path).await {
                     Ok(text) => parse_endpoints_file(&path, &text),
-                    Err(source) => Err(SourceError::Read {
+                    Err(source) => Err(DiscoveryError::Read {
                         path: path.clone(),
                         source,
                     }),
@@ -240,11 +242,11 @@ mod tests {
         assert_eq!(&*eps[1].hostport, "[::1]:8002");
         assert!(matches!(
             parse_static("localhost:80"),
-            Err(SourceError::Address(_))
+            Err(DiscoveryError::Address(_))
         ));
         assert!(matches!(
             parse_static("1.2.3.4:1,1.2.3.4:1"),
-            Err(SourceError::Duplicate(_))
+            Err(DiscoveryError::Duplicate(_))
         ));
     }
 

@@ -7,9 +7,9 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::datalayer::EndpointState;
+use crate::framework::data::CycleState;
+use crate::framework::scheduling::{Candidate, Filter, SchedulingRequest};
 use crate::request::keys;
-use crate::scheduling::{Filter, SchedulingRequest};
 
 /// See the module docs.
 #[derive(Debug, Default)]
@@ -33,12 +33,13 @@ impl Filter for HeaderBasedTestingFilter {
     fn filter<'s>(
         &self,
         req: &SchedulingRequest<'_>,
-        candidates: &[&'s EndpointState],
-    ) -> Vec<&'s EndpointState> {
+        _state: &CycleState,
+        candidates: &[Candidate<'s>],
+    ) -> Vec<Candidate<'s>> {
         let Some(value) = req.headers.control(keys::TEST_ENDPOINT_SELECTION) else {
             return Vec::new();
         };
-        let mut out: Vec<&'s EndpointState> = Vec::new();
+        let mut out: Vec<Candidate<'s>> = Vec::new();
         for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let Some(sel) = parse_item(item) else {
                 continue;
@@ -49,10 +50,10 @@ impl Filter for HeaderBasedTestingFilter {
                     Selector::Ip(ip) => addr.ip() == ip,
                     Selector::Addr(a) => addr == a,
                 };
-                hit && !out.iter().any(|o| std::ptr::eq(*o, **c))
+                hit && !out.iter().any(|o| o.index == c.index)
             });
             if let Some(c) = found {
-                out.push(c);
+                out.push(*c);
             }
         }
         out
@@ -62,8 +63,9 @@ impl Filter for HeaderBasedTestingFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::framework::scheduling::candidates;
+    use crate::plugins::testing::{request, states_at};
     use crate::request::RequestHeaders;
-    use crate::scheduling::plugins::testing::{request, states_at};
 
     #[test]
     fn keeps_named_endpoints_in_header_order() {
@@ -73,14 +75,14 @@ mod tests {
             "[fd00::3]:8000",
             "10.0.0.2:8001",
         ]);
-        let cands: Vec<_> = s.iter().collect();
+        let cands = candidates(&s);
         let headers = RequestHeaders::new(vec![(
             keys::TEST_ENDPOINT_SELECTION.into(),
             " fd00::3 , 10.0.0.2:8001,10.0.0.1,bogus".into(),
         )]);
         let req = request(&headers, "m", b"");
         let got: Vec<_> = HeaderBasedTestingFilter
-            .filter(&req, &cands)
+            .filter(&req, &CycleState::default(), &cands)
             .iter()
             .map(|c| c.endpoint.hostport.to_string())
             .collect();
@@ -90,9 +92,13 @@ mod tests {
     #[test]
     fn missing_header_keeps_nothing() {
         let s = states_at(&["10.0.0.1:8000"]);
-        let cands: Vec<_> = s.iter().collect();
+        let cands = candidates(&s);
         let headers = RequestHeaders::default();
         let req = request(&headers, "m", b"");
-        assert!(HeaderBasedTestingFilter.filter(&req, &cands).is_empty());
+        assert!(
+            HeaderBasedTestingFilter
+                .filter(&req, &CycleState::default(), &cands)
+                .is_empty()
+        );
     }
 }

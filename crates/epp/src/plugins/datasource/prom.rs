@@ -1,4 +1,5 @@
-//! From a model server's Prometheus text to [`Metrics`].
+//! From a model server's Prometheus text to [`Metrics`]: metric specs, the built-in engine
+//! mappings, and a sample-line parser.
 //!
 //! A vLLM `/metrics` page is ~50 KB and ~90 families; the EPP needs five or six series of it,
 //! twenty times a second per endpoint. So each line is first checked for a wanted family name
@@ -20,7 +21,7 @@ use std::borrow::Cow;
 
 use tokio::time::Instant;
 
-use super::{LoraInfo, Metrics};
+use crate::datalayer::{LoraInfo, Metrics};
 
 /// A parsed metric spec string.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +116,8 @@ pub enum CacheInfo {
 /// The metric names of one model-server engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineMetrics {
-    /// Engine name (`vllm`, `sglang`, `trtllm-serve`, `triton-tensorrt-llm`).
+    /// Engine name (`vllm`, `sglang`, `trtllm-serve`, `triton-tensorrt-llm`, `triton`, or a
+    /// configured one).
     pub engine: String,
     /// Waiting requests.
     pub queued: Option<MetricSpec>,
@@ -148,7 +150,7 @@ fn label_cache(name: &str, block_size: &str, num_blocks: &str) -> Option<CacheIn
 }
 
 /// Engines with built-in mappings.
-pub const ENGINES: &[&str] = &["vllm", "sglang", "trtllm-serve", "triton-tensorrt-llm"];
+pub const ENGINES: &[&str] = &["vllm", "sglang", "trtllm-serve", "triton-tensorrt-llm", "triton"];
 
 impl EngineMetrics {
     /// The built-in mapping of `engine`, if it is one of [`ENGINES`].
@@ -206,6 +208,16 @@ impl EngineMetrics {
                         &[("kv_cache_block_type", "max")],
                     )),
                 }),
+            },
+            // Triton Inference Server without an LLM backend (llm-d-router v0.10): queue and
+            // executions only.
+            "triton" => Self {
+                engine: engine.to_owned(),
+                queued: Some(spec("nv_inference_pending_request_count", &[])),
+                running: Some(spec("nv_inference_exec_count", &[])),
+                kv_usage: Vec::new(),
+                lora: None,
+                cache: None,
             },
             _ => return None,
         };

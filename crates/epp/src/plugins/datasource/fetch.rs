@@ -14,6 +14,8 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
+use crate::framework::datalayer::{PollError, SourceError};
+
 /// Largest `/metrics` page read.
 pub const MAX_PAGE_BYTES: usize = 16 << 20;
 
@@ -42,7 +44,7 @@ pub struct PlainFetcher {
 
 impl Fetcher {
     /// A fetcher for `url`; plain HTTP goes straight to `addr`.
-    pub fn new(url: &reqwest::Url, addr: SocketAddr, client: &reqwest::Client) -> Result<Self, String> {
+    pub fn new(url: &reqwest::Url, addr: SocketAddr, client: &reqwest::Client) -> Result<Self, SourceError> {
         if url.scheme() != "http" {
             return Ok(Self::Tls {
                 client: client.clone(),
@@ -53,9 +55,9 @@ impl Fetcher {
             Some(q) => format!("{}?{q}", url.path()),
             None => url.path().to_owned(),
         };
-        let uri: http::Uri = path.parse().map_err(|e| format!("invalid metrics path: {e}"))?;
-        let host = http::HeaderValue::from_str(&format!("{}:{}", url.host_str().unwrap_or(""), addr.port()))
-            .map_err(|e| format!("invalid host: {e}"))?;
+        let uri: http::Uri = path.parse().map_err(|_| SourceError::Host(path.clone()))?;
+        let host_text = format!("{}:{}", url.host_str().unwrap_or(""), addr.port());
+        let host = http::HeaderValue::from_str(&host_text).map_err(|_| SourceError::Host(host_text))?;
         Ok(Self::Plain(PlainFetcher {
             addr,
             uri,
@@ -65,36 +67,40 @@ impl Fetcher {
     }
 
     /// Fetches the page once.
-    pub async fn fetch(&mut self) -> Result<Bytes, String> {
+    pub async fn fetch(&mut self) -> Result<Bytes, PollError> {
         match self {
             Self::Plain(p) => p.fetch().await,
             Self::Tls { client, url } => {
-                let resp = client.get(url.clone()).send().await.map_err(|e| e.to_string())?;
+                let resp = client.get(url.clone()).send().await.map_err(PollError::Https)?;
                 if !resp.status().is_success() {
-                    return Err(format!("HTTP {}", resp.status()));
+                    return Err(PollError::Status(resp.status()));
                 }
                 if resp.content_length().is_some_and(|n| n > MAX_PAGE_BYTES as u64) {
-                    return Err(format!("metrics page larger than {MAX_PAGE_BYTES} bytes"));
+                    return Err(PollError::TooLarge(MAX_PAGE_BYTES));
                 }
-                resp.bytes().await.map_err(|e| e.to_string())
+                let page = resp.bytes().await.map_err(PollError::Https)?;
+                if page.len() > MAX_PAGE_BYTES {
+                    return Err(PollError::TooLarge(MAX_PAGE_BYTES));
+                }
+                Ok(page)
             }
         }
     }
 }
 
 impl PlainFetcher {
-    async fn connect(&self) -> Result<(http1::SendRequest<Empty<Bytes>>, Connection), String> {
+    async fn connect(&self) -> Result<(http1::SendRequest<Empty<Bytes>>, Connection), PollError> {
         let tcp = tokio::net::TcpStream::connect(self.addr)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(PollError::Connect)?;
         let _ = tcp.set_nodelay(true);
         let (sender, conn) = http1::handshake(TokioIo::new(tcp))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(PollError::Http)?;
         Ok((sender, Box::pin(conn)))
     }
 
-    async fn fetch(&mut self) -> Result<Bytes, String> {
+    async fn fetch(&mut self) -> Result<Bytes, PollError> {
         let (mut sender, mut conn) = match self.conn.take() {
             Some(c) => c,
             None => self.connect().await?,
@@ -102,18 +108,21 @@ impl PlainFetcher {
         let request = http::Request::get(self.uri.clone())
             .header(http::header::HOST, self.host.clone())
             .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
+            .map_err(PollError::Request)?;
         let exchange = async {
-            sender.ready().await.map_err(|e| e.to_string())?;
-            let resp = sender.send_request(request).await.map_err(|e| e.to_string())?;
+            sender.ready().await.map_err(PollError::Http)?;
+            let resp = sender.send_request(request).await.map_err(PollError::Http)?;
             let status = resp.status();
             let body = Limited::new(resp.into_body(), MAX_PAGE_BYTES)
                 .collect()
                 .await
-                .map_err(|e| format!("reading the page: {e}"))?
+                .map_err(|e| match e.downcast::<hyper::Error>() {
+                    Ok(h) => PollError::Http(*h),
+                    Err(_) => PollError::TooLarge(MAX_PAGE_BYTES),
+                })?
                 .to_bytes();
             if !status.is_success() {
-                return Err(format!("HTTP {status}"));
+                return Err(PollError::Status(status));
             }
             Ok(body)
         };
@@ -121,8 +130,8 @@ impl PlainFetcher {
         let result = tokio::select! {
             r = exchange => r,
             r = &mut conn => Err(match r {
-                Ok(()) => "connection closed by the server".to_owned(),
-                Err(e) => e.to_string(),
+                Ok(()) => PollError::Closed,
+                Err(e) => PollError::Http(e),
             }),
         };
         if result.is_ok() && !sender.is_closed() {

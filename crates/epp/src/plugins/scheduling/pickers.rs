@@ -7,8 +7,7 @@ use rand::RngExt;
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 
-use crate::datalayer::EndpointState;
-use crate::scheduling::Picker;
+use crate::framework::scheduling::{Candidate, Picker};
 
 /// Highest total score wins; ties are broken uniformly at random.
 #[derive(Debug)]
@@ -18,7 +17,7 @@ pub struct MaxScorePicker {
 }
 
 impl Picker for MaxScorePicker {
-    fn pick(&self, candidates: &[&EndpointState], scores: &[f64], rng: &mut SmallRng) -> Vec<usize> {
+    fn pick(&self, candidates: &[Candidate<'_>], scores: &[f64], rng: &mut SmallRng) -> Vec<usize> {
         let n = candidates.len().min(scores.len());
         if n == 0 {
             return Vec::new();
@@ -61,7 +60,7 @@ pub struct RandomPicker {
 }
 
 impl Picker for RandomPicker {
-    fn pick(&self, candidates: &[&EndpointState], _scores: &[f64], rng: &mut SmallRng) -> Vec<usize> {
+    fn pick(&self, candidates: &[Candidate<'_>], _scores: &[f64], rng: &mut SmallRng) -> Vec<usize> {
         let mut order: Vec<usize> = (0..candidates.len()).collect();
         order.shuffle(rng);
         order.truncate(self.max_endpoints);
@@ -78,7 +77,7 @@ pub struct WeightedRandomPicker {
 }
 
 impl Picker for WeightedRandomPicker {
-    fn pick(&self, candidates: &[&EndpointState], scores: &[f64], rng: &mut SmallRng) -> Vec<usize> {
+    fn pick(&self, candidates: &[Candidate<'_>], scores: &[f64], rng: &mut SmallRng) -> Vec<usize> {
         let n = candidates.len().min(scores.len());
         if !scores[..n].iter().any(|s| *s > 0.0) {
             return RandomPicker {
@@ -113,12 +112,13 @@ mod tests {
     use rand::SeedableRng;
 
     use super::*;
-    use crate::scheduling::plugins::testing::states;
+    use crate::framework::scheduling::candidates;
+    use crate::plugins::testing::states;
 
     #[test]
     fn max_score_takes_the_best_and_breaks_ties_evenly() {
         let s = states(&[(0, 0.0); 4]);
-        let cands: Vec<_> = s.iter().collect();
+        let cands = candidates(&s);
         let picker = MaxScorePicker { max_endpoints: 1 };
         let mut rng = SmallRng::seed_from_u64(7);
         assert_eq!(picker.pick(&cands, &[0.1, 0.9, 0.3, 0.2], &mut rng), vec![1]);
@@ -135,7 +135,7 @@ mod tests {
     #[test]
     fn max_score_returns_n_best_first() {
         let s = states(&[(0, 0.0); 4]);
-        let cands: Vec<_> = s.iter().collect();
+        let cands = candidates(&s);
         let picker = MaxScorePicker { max_endpoints: 3 };
         let mut rng = SmallRng::seed_from_u64(1);
         assert_eq!(
@@ -147,7 +147,7 @@ mod tests {
     #[test]
     fn weighted_random_prefers_high_scores_and_skips_zero_until_needed() {
         let s = states(&[(0, 0.0); 3]);
-        let cands: Vec<_> = s.iter().collect();
+        let cands = candidates(&s);
         let picker = WeightedRandomPicker { max_endpoints: 1 };
         let mut rng = SmallRng::seed_from_u64(3);
         let mut counts = [0u32; 3];
@@ -164,7 +164,7 @@ mod tests {
     #[test]
     fn random_picker_returns_distinct() {
         let s = states(&[(0, 0.0); 5]);
-        let cands: Vec<_> = s.iter().collect();
+        let cands = candidates(&s);
         let mut rng = SmallRng::seed_from_u64(3);
         let mut got = RandomPicker { max_endpoints: 5 }.pick(&cands, &[0.0; 5], &mut rng);
         got.sort_unstable();

@@ -1,0 +1,162 @@
+//! Request-control extension points: what runs around a scheduling cycle (the reference's
+//! `framework/interface/requestcontrol` and `flowcontrol`).
+//!
+//! The director runs them in this order for every request with a body:
+//! 1. admission: a [`SaturationDetector`] says how full the candidates are; a sheddable
+//!    request (priority < 0) meets a saturated pool with 429;
+//! 2. dispatch: a [`Dispatcher`] may make the request wait ([`Admit::Wait`]), which is where
+//!    flow control queues go; without one, or when it answers [`Admit::Now`], the request
+//!    goes on in the same synchronous call;
+//! 3. [`DataProducer`]s compute per-request data into the cycle state;
+//! 4. the scheduling cycle;
+//! 5. [`PreRequest`] plugins see the decision, may add request headers, and may hold
+//!    something for the request's lifetime (released when its response completes or its
+//!    stream ends).
+//!
+//! [`EndpointsChanged`] plugins hear about endpoint-set changes off the request path.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::time::Instant;
+
+use super::data::CycleState;
+use super::scheduling::{Candidate, SchedulingRequest, SchedulingResult};
+use crate::datalayer::EndpointState;
+
+/// Computes data for one request before it is scheduled (the reference's `PrepareData`).
+pub trait DataProducer: Send + Sync {
+    /// Writes what the producer found for `candidates` into `state`.
+    fn prepare(&self, req: &SchedulingRequest<'_>, candidates: &[Candidate<'_>], state: &mut CycleState);
+}
+
+/// Something kept for a request's lifetime.
+pub type Held = Box<dyn Send>;
+
+/// Request headers to add, as `(name, value)`.
+pub type AddedHeaders = Vec<(String, String)>;
+
+/// What pre-request plugins hand back to the director.
+#[derive(Default)]
+pub struct PreRequestContext {
+    headers: AddedHeaders,
+    held: Vec<Held>,
+}
+
+impl std::fmt::Debug for PreRequestContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreRequestContext")
+            .field("headers", &self.headers)
+            .field("held", &self.held.len())
+            .finish()
+    }
+}
+
+impl PreRequestContext {
+    /// Adds a header to the request sent upstream. Header names the protocol owns (the
+    /// destination, its subset and served keys, `content-length`) are refused and logged: a
+    /// plugin cannot redirect a request behind the scheduler's back.
+    pub fn set_header(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        let name = name.into().to_ascii_lowercase();
+        if crate::request::keys::is_system_owned(&name) {
+            tracing::warn!(header = %name, "a pre-request plugin tried to set a system-owned header; ignored");
+            return;
+        }
+        self.headers.push((name, value.into()));
+    }
+
+    /// Keeps `guard` until the request's response completes or its stream ends, whichever
+    /// comes first, then drops it. In-flight accounting releases its share this way.
+    pub fn hold(&mut self, guard: impl Send + 'static) {
+        self.held.push(Box::new(guard));
+    }
+
+    /// The added headers, in order.
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.headers
+    }
+
+    /// Splits into headers and held guards.
+    pub fn into_parts(self) -> (AddedHeaders, Vec<Held>) {
+        (self.headers, self.held)
+    }
+}
+
+/// Runs after the decision, before the request is forwarded.
+pub trait PreRequest: Send + Sync {
+    /// Observes the decision; may add headers and hold guards through `ctx`.
+    fn pre_request(
+        &self,
+        req: &SchedulingRequest<'_>,
+        state: &CycleState,
+        result: &SchedulingResult,
+        ctx: &mut PreRequestContext,
+    );
+}
+
+/// How full a set of endpoints is (the reference's `SaturationDetector`): 0 is idle, 1.0 or
+/// more means saturated. Pure: it reads only the candidates' attributes.
+pub trait SaturationDetector: Send + Sync {
+    /// The saturation of `candidates` at `now`; no candidates is 1.0.
+    fn saturation(&self, candidates: &[Candidate<'_>], now: Instant) -> f64;
+}
+
+/// Told when the set of endpoints changes (off the request path), to drop per-endpoint state.
+pub trait EndpointsChanged: Send + Sync {
+    /// The new set.
+    fn endpoints_changed(&self, endpoints: &[EndpointState]);
+}
+
+/// What the dispatch step knows of a request.
+#[derive(Debug, Clone)]
+pub struct DispatchRequest<'a> {
+    /// Request id.
+    pub request_id: &'a str,
+    /// Priority (0 without an objective).
+    pub priority: i32,
+    /// Fairness id from the request headers (`default-flow` without one).
+    pub fairness_id: &'a str,
+    /// Body bytes.
+    pub bytes: usize,
+}
+
+/// Why a waiting request was not dispatched.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DispatchError {
+    /// No room now or later: rejected (429).
+    #[error("{0}")]
+    Rejected(String),
+    /// Waited too long (503).
+    #[error("request timed out in queue")]
+    Expired,
+    /// The EPP is shutting down (503).
+    #[error("the endpoint picker is shutting down")]
+    Shutdown,
+}
+
+/// A request's wait for dispatch; dropping it withdraws the request (the client went away).
+pub type Wait = Pin<Box<dyn Future<Output = Result<(), DispatchError>> + Send>>;
+
+/// The dispatch decision for one request.
+pub enum Admit {
+    /// Go on at once, in the same call (the fast path: no task, no allocation).
+    Now,
+    /// Wait until the future resolves, then schedule.
+    Wait(Wait),
+}
+
+impl std::fmt::Debug for Admit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Now => "Now",
+            Self::Wait(_) => "Wait",
+        })
+    }
+}
+
+/// Decides when an admitted request may be scheduled: the seam where flow control queues
+/// requests by priority and fairness.
+pub trait Dispatcher: Send + Sync {
+    /// Admits `req` now or makes it wait.
+    fn dispatch(&self, req: &DispatchRequest<'_>) -> Admit;
+}

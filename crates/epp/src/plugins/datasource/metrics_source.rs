@@ -1,0 +1,316 @@
+//! `metrics-data-source`: polls each endpoint's Prometheus `/metrics` page (GIE v1.5 /
+//! llm-d-router v0.10).
+//!
+//! Parameters (unknown ones are refused), with the EPP's flags as their defaults:
+//! * `scheme` (`--model-server-metrics-scheme`, `http`): `http` or `https`;
+//! * `path` (`--model-server-metrics-path`, `/metrics`);
+//! * `port` (`--model-server-metrics-port`, the endpoint's own port): for servers whose
+//!   metrics live on another port than the one they serve on; the endpoints file's
+//!   `metricsPort` still wins for its endpoint;
+//! * `insecureSkipVerify` (`--model-server-metrics-https-insecure-skip-verify`, true): for
+//!   `https` (the reference's chart writes it for `http` too, where it has nothing to do);
+//! * `caCertPath`: a PEM bundle the server's certificate must chain to (verification on);
+//! * `clientCertPath` and `clientKeyPath`: a client certificate for mutual TLS (both or
+//!   neither);
+//! * `interval` (`--refresh-metrics-interval`): time between scrapes of one endpoint.
+//!
+//! Plain HTTP goes over one kept-alive HTTP/1.1 connection per endpoint (see [`super::fetch`]);
+//! HTTPS through a `reqwest` client with the source's TLS settings. The page asked for is
+//! narrowed with `?name[]=` to the series the extractors want (`--model-server-metrics-name-filter`),
+//! which vLLM and SGLang honour; a server that ignores it sends the whole page.
+
+use std::any::TypeId;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use super::fetch::Fetcher;
+use crate::datalayer::Endpoint;
+use crate::framework::datalayer::{PollFuture, Poller, PollingSource, SourceError};
+
+/// The source's settings before the plugin's parameters apply (from the flags).
+#[derive(Debug, Clone)]
+pub struct MetricsDefaults {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Path of the page.
+    pub path: String,
+    /// Port for every endpoint (`None`: the endpoint's own).
+    pub port: Option<u16>,
+    /// Skip certificate verification for `https`.
+    pub insecure_skip_verify: bool,
+    /// Limit on one scrape.
+    pub timeout: Duration,
+    /// Ask for only the needed series.
+    pub name_filter: bool,
+}
+
+impl Default for MetricsDefaults {
+    fn default() -> Self {
+        Self {
+            scheme: "http".into(),
+            path: "/metrics".into(),
+            port: None,
+            insecure_skip_verify: true,
+            timeout: Duration::from_secs(1),
+            name_filter: true,
+        }
+    }
+}
+
+/// Parameters as written.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MetricsSourceParams {
+    /// `http` or `https`.
+    pub scheme: Option<String>,
+    /// Path of the page.
+    pub path: Option<String>,
+    /// Port of the page.
+    pub port: Option<i64>,
+    /// Skip certificate verification.
+    pub insecure_skip_verify: Option<bool>,
+    /// CA bundle for verification.
+    pub ca_cert_path: Option<PathBuf>,
+    /// Client certificate (mutual TLS).
+    pub client_cert_path: Option<PathBuf>,
+    /// Client key (mutual TLS).
+    pub client_key_path: Option<PathBuf>,
+    /// Time between scrapes, e.g. `1s`.
+    pub interval: Option<String>,
+}
+
+/// Why the parameters are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsSourceError {
+    /// Not `http` or `https`.
+    #[error("scheme '{0}' is not http or https")]
+    Scheme(String),
+    /// A path without the leading slash.
+    #[error("path '{0}' must start with '/'")]
+    Path(String),
+    /// A port out of range.
+    #[error("invalid port {0}: must be between 1 and 65535")]
+    Port(i64),
+    /// One of the client pair without the other.
+    #[error("clientCertPath and clientKeyPath must be set together")]
+    ClientPair,
+    /// TLS files set for plain HTTP.
+    #[error("{0} is set but scheme is http")]
+    TlsOnHttp(&'static str),
+    /// An interval that does not parse or is zero.
+    #[error("interval: {0}")]
+    Interval(String),
+    /// TLS material that cannot be read or used.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct MetricsSource {
+    scheme: String,
+    path: String,
+    port: Option<u16>,
+    interval: Option<Duration>,
+    timeout: Duration,
+    name_filter: bool,
+    client: reqwest::Client,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, SourceError> {
+    std::fs::read(path).map_err(|source| SourceError::File {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl MetricsSource {
+    /// A source from `defaults` overridden by `params`.
+    pub fn new(defaults: &MetricsDefaults, params: &MetricsSourceParams) -> Result<Self, MetricsSourceError> {
+        let scheme = params.scheme.clone().unwrap_or_else(|| defaults.scheme.clone());
+        if scheme != "http" && scheme != "https" {
+            return Err(MetricsSourceError::Scheme(scheme));
+        }
+        let path = params.path.clone().unwrap_or_else(|| defaults.path.clone());
+        if !path.starts_with('/') {
+            return Err(MetricsSourceError::Path(path));
+        }
+        let port = match params.port {
+            Some(p) => Some(
+                u16::try_from(p)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or(MetricsSourceError::Port(p))?,
+            ),
+            None => defaults.port,
+        };
+        let interval = match &params.interval {
+            Some(s) => {
+                let d = crate::config::cli::go_duration(s).map_err(MetricsSourceError::Interval)?;
+                if d.is_zero() {
+                    return Err(MetricsSourceError::Interval(format!("'{s}' must be positive")));
+                }
+                Some(d)
+            }
+            None => None,
+        };
+        if params.client_cert_path.is_some() != params.client_key_path.is_some() {
+            return Err(MetricsSourceError::ClientPair);
+        }
+        if scheme == "http" {
+            for (set, name) in [
+                (params.ca_cert_path.is_some(), "caCertPath"),
+                (params.client_cert_path.is_some(), "clientCertPath"),
+            ] {
+                if set {
+                    return Err(MetricsSourceError::TlsOnHttp(name));
+                }
+            }
+        }
+        // reqwest is built without a bundled crypto provider; install ring (a no-op if done).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder()
+            .timeout(defaults.timeout)
+            .pool_max_idle_per_host(1)
+            .tcp_nodelay(true)
+            .no_proxy();
+        if let Some(ca) = &params.ca_cert_path {
+            let certs = reqwest::Certificate::from_pem_bundle(&read(ca)?).map_err(SourceError::Client)?;
+            builder = builder.tls_certs_only(certs);
+        } else {
+            let skip = params
+                .insecure_skip_verify
+                .unwrap_or(defaults.insecure_skip_verify);
+            builder = builder.danger_accept_invalid_certs(skip);
+        }
+        if let (Some(cert), Some(key)) = (&params.client_cert_path, &params.client_key_path) {
+            let mut pem = read(cert)?;
+            pem.push(b'\n');
+            pem.extend(read(key)?);
+            builder = builder.identity(reqwest::Identity::from_pem(&pem).map_err(SourceError::Client)?);
+        }
+        let client = builder.build().map_err(SourceError::Client)?;
+        Ok(Self {
+            scheme,
+            path,
+            port,
+            interval,
+            timeout: defaults.timeout,
+            name_filter: defaults.name_filter,
+            client,
+        })
+    }
+
+    /// The page's URL for `endpoint`, narrowed to `names` when name filtering is on.
+    pub fn url(&self, endpoint: &Endpoint, names: &[String]) -> Result<reqwest::Url, SourceError> {
+        let port = endpoint
+            .metrics_port
+            .or(self.port)
+            .unwrap_or(endpoint.address.port());
+        let host = match endpoint.address.ip() {
+            std::net::IpAddr::V4(ip) => ip.to_string(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        };
+        let text = format!("{}://{host}:{port}{}", self.scheme, self.path);
+        let mut url = reqwest::Url::parse(&text).map_err(|source| SourceError::Url { url: text, source })?;
+        if self.name_filter && !names.is_empty() {
+            let mut query = url.query_pairs_mut();
+            for name in names {
+                query.append_pair("name[]", name);
+            }
+        }
+        Ok(url)
+    }
+}
+
+struct MetricsPoller {
+    fetcher: Fetcher,
+    url: reqwest::Url,
+}
+
+impl Poller for MetricsPoller {
+    fn poll(&mut self) -> PollFuture<'_> {
+        Box::pin(async move {
+            let page: Bytes = self.fetcher.fetch().await?;
+            Ok(Box::new(page) as crate::framework::datalayer::Payload)
+        })
+    }
+
+    fn target(&self) -> String {
+        self.url.to_string()
+    }
+}
+
+impl PollingSource for MetricsSource {
+    fn output(&self) -> TypeId {
+        TypeId::of::<Bytes>()
+    }
+
+    fn interval(&self) -> Option<Duration> {
+        self.interval
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn poller(&self, endpoint: &Endpoint, hints: &[String]) -> Result<Box<dyn Poller>, SourceError> {
+        let url = self.url(endpoint, hints)?;
+        let port = url.port_or_known_default().unwrap_or(endpoint.address.port());
+        let fetcher = Fetcher::new(&url, SocketAddr::new(endpoint.address.ip(), port), &self.client)?;
+        Ok(Box::new(MetricsPoller { fetcher, url }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(yaml: &str) -> Result<MetricsSource, MetricsSourceError> {
+        let params: MetricsSourceParams = serde_yaml::from_str(yaml).unwrap();
+        MetricsSource::new(&MetricsDefaults::default(), &params)
+    }
+
+    #[test]
+    fn parameters_shape_the_url() {
+        let ep = Endpoint::from_address("10.0.0.1:8000".parse().unwrap());
+        let s = source("{scheme: https, path: /stats, port: 9400}").unwrap();
+        assert_eq!(s.url(&ep, &[]).unwrap().as_str(), "https://10.0.0.1:9400/stats");
+        let s = source("{}").unwrap();
+        let url = s.url(&ep, &["vllm:x".into()]).unwrap();
+        assert_eq!(url.as_str(), "http://10.0.0.1:8000/metrics?name%5B%5D=vllm%3Ax");
+        let mut own = ep.clone();
+        own.metrics_port = Some(9001);
+        assert_eq!(
+            source("{port: 9400}").unwrap().url(&own, &[]).unwrap().port(),
+            Some(9001)
+        );
+        let v6 = Endpoint::from_address("[fd00::1]:8000".parse().unwrap());
+        assert_eq!(s.url(&v6, &[]).unwrap().as_str(), "http://[fd00::1]:8000/metrics");
+    }
+
+    #[test]
+    fn bad_parameters_are_named() {
+        for (yaml, want) in [
+            ("{scheme: ftp}", "scheme 'ftp'"),
+            ("{path: metrics}", "must start with '/'"),
+            ("{port: 70000}", "invalid port 70000"),
+            ("{port: 0}", "invalid port 0"),
+            ("{scheme: https, clientCertPath: /c}", "set together"),
+            ("{caCertPath: /ca.pem}", "caCertPath is set but scheme is http"),
+            ("{interval: 0s}", "interval"),
+            (
+                "{scheme: https, caCertPath: /nonexistent/ca.pem}",
+                "/nonexistent/ca.pem",
+            ),
+        ] {
+            let e = source(yaml).unwrap_err().to_string();
+            assert!(e.contains(want), "{yaml}: {e}");
+        }
+        assert!(serde_yaml::from_str::<MetricsSourceParams>("{portNumber: 1}").is_err());
+    }
+}

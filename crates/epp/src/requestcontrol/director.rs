@@ -1,0 +1,472 @@
+//! The director: from a complete request to a routing decision, through the request-control
+//! pipeline of [`crate::framework::requestcontrol`]: parse → candidates → admission →
+//! dispatch → data producers → scheduling → pre-request.
+//!
+//! It is the one place where the data layer (snapshot), the request (parsed body, headers,
+//! subset hint) and the scheduler meet. When nothing makes the request wait, the whole path is
+//! one synchronous call with no I/O: one snapshot load, one parse, one cycle, the pre-request
+//! hooks and the optional body rewrite. A dispatcher that answers [`Admit::Wait`] turns the
+//! call into [`Routing::Wait`]; the protocol layer awaits it and calls
+//! [`Director::route_dispatched`], which parses again (only waiting requests pay for that).
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::datalayer::{Endpoint, EndpointState, EndpointStore, Snapshot};
+use crate::framework::data::CycleState;
+use crate::framework::plugin::{Named, PluginObserver};
+use crate::framework::requestcontrol::{
+    Admit, DataProducer, DispatchError, DispatchRequest, Dispatcher, PreRequest, PreRequestContext,
+    SaturationDetector, Wait,
+};
+use crate::framework::scheduling::{Candidate, SchedulingError, SchedulingRequest, candidates};
+use crate::request::{ParsedBody, RequestError, RequestHeaders, keys, parse_body, rewrite_model};
+use crate::requestcontrol::objectives::PriorityLookup;
+use crate::scheduling::Scheduler;
+
+/// Default limit on request bodies: 64 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 64 << 20;
+/// Default metrics age after which an endpoint is passed over (the reference's
+/// `--metrics-staleness-threshold`).
+pub const DEFAULT_STALENESS: Duration = Duration::from_secs(2);
+
+/// Director settings.
+#[derive(Debug, Clone)]
+pub struct DirectorConfig {
+    /// Bodies larger than this are refused with 413.
+    pub max_body_bytes: usize,
+    /// At most this many endpoints in the destination list (1 for ORIGINAL_DST gateways,
+    /// which reject lists); `None` returns what the picker chose.
+    pub max_destinations: Option<usize>,
+    /// Ignore the gateway's subset hint (the reference's `--disable-endpoint-subset-filter`).
+    pub ignore_subset_hint: bool,
+    /// Endpoints whose metrics are older than this (or never scraped) are passed over while
+    /// any candidate has fresh metrics: a model server that stopped answering its metrics is
+    /// avoided, yet a pool whose scrapes all fail still serves. `None` disables this.
+    pub staleness: Option<Duration>,
+}
+
+impl Default for DirectorConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_destinations: None,
+            ignore_subset_hint: false,
+            staleness: Some(DEFAULT_STALENESS),
+        }
+    }
+}
+
+/// The request-control plugins the director runs, as the configuration placed them.
+#[derive(Clone)]
+pub struct RequestControl {
+    /// Admission's saturation detector.
+    pub saturation: Named<dyn SaturationDetector>,
+    /// Data producers, in configuration order.
+    pub producers: Vec<Named<dyn DataProducer>>,
+    /// Pre-request plugins, in configuration order.
+    pub pre_request: Vec<Named<dyn PreRequest>>,
+}
+
+impl std::fmt::Debug for RequestControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestControl")
+            .field("saturation", &self.saturation)
+            .field("producers", &self.producers)
+            .field("pre_request", &self.pre_request)
+            .finish()
+    }
+}
+
+/// The endpoints a gateway allows for this request (`envoy.lb.subset_hint`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Subset {
+    /// No hint: every endpoint.
+    #[default]
+    All,
+    /// Only endpoints with these IPs (ports are ignored, as in the reference).
+    Only(Vec<IpAddr>),
+}
+
+impl Subset {
+    fn allows(&self, ip: IpAddr) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(ips) => ips.contains(&ip),
+        }
+    }
+}
+
+/// Identity of one request, from its headers.
+#[derive(Debug, Clone)]
+pub struct RequestInfo {
+    /// All headers.
+    pub headers: RequestHeaders,
+    /// `x-request-id`, or a generated UUIDv4.
+    pub request_id: String,
+    /// Whether `request_id` was generated (then it is sent upstream too).
+    pub generated_id: bool,
+}
+
+impl RequestInfo {
+    /// Reads the request id, generating one when absent.
+    pub fn from_headers(headers: RequestHeaders) -> Self {
+        let (request_id, generated_id) = match headers
+            .get_ignore_case(keys::REQUEST_ID)
+            .filter(|v| !v.is_empty())
+        {
+            Some(id) => (id.to_owned(), false),
+            None => (uuid::Uuid::new_v4().to_string(), true),
+        };
+        Self {
+            headers,
+            request_id,
+            generated_id,
+        }
+    }
+}
+
+/// A routing decision.
+pub struct Decision {
+    /// `ip:port[,ip:port...]`, best first: the header and metadata value.
+    pub destinations: String,
+    /// The primary endpoint.
+    pub primary: Arc<Endpoint>,
+    /// Every profile's chosen endpoints, by profile name, best first.
+    pub targets: Vec<(Arc<str>, Vec<Arc<Endpoint>>)>,
+    /// Request headers pre-request plugins add.
+    pub headers: Vec<(String, String)>,
+    /// The body to forward when it had to change (model rewrite); `None` forwards it as is.
+    pub body: Option<Vec<u8>>,
+    /// The body's model (empty for bodyless requests).
+    pub model: String,
+    /// The model the request is served as.
+    pub target_model: String,
+    /// `stream: true` in the body.
+    pub stream: bool,
+    /// What plugins hold for the request's lifetime: keep it until the response completes or
+    /// the stream ends (in-flight load is released when it drops).
+    pub held: Vec<Box<dyn Send>>,
+}
+
+impl std::fmt::Debug for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decision")
+            .field("destinations", &self.destinations)
+            .field("targets", &self.targets)
+            .field("headers", &self.headers)
+            .field("model", &self.model)
+            .field("target_model", &self.target_model)
+            .field("held", &self.held.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Director::route`] gives.
+pub enum Routing {
+    /// Routed now.
+    Ready(Decision),
+    /// The dispatcher made the request wait: await this, then call
+    /// [`Director::route_dispatched`]. Dropping it withdraws the request.
+    Wait(Wait),
+}
+
+/// Why no decision was made. The protocol layer maps each to an HTTP answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DirectorError {
+    /// The request is malformed or too large.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// Discovery has not delivered the pool yet.
+    #[error("the endpoint pool is not synced yet")]
+    NotSynced,
+    /// A bodyless request found an empty pool.
+    #[error("no pods available in datastore")]
+    NoEndpoints,
+    /// No endpoint is left after the subset hint (or the pool is empty).
+    #[error("failed to find candidate pods for serving the request")]
+    NoCandidates,
+    /// The scheduler chose nothing.
+    #[error("failed to find target pod: {0}")]
+    Scheduling(#[from] SchedulingError),
+    /// A sheddable request (priority < 0) met a saturated pool.
+    #[error("system saturated, sheddable request dropped")]
+    Shed,
+    /// The dispatcher refused the request or it waited too long.
+    #[error(transparent)]
+    Dispatch(#[from] DispatchError),
+}
+
+/// Joins endpoints into the destination list.
+fn destination_list<'a>(endpoints: impl Iterator<Item = &'a Endpoint>) -> String {
+    let mut out = String::new();
+    for e in endpoints {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        let _ = write!(out, "{}", e.hostport);
+    }
+    out
+}
+
+/// Routes requests. Shared by all streams; immutable.
+pub struct Director {
+    store: Arc<EndpointStore>,
+    scheduler: Arc<Scheduler>,
+    config: DirectorConfig,
+    control: RequestControl,
+    priorities: Arc<dyn PriorityLookup>,
+    dispatcher: Option<Arc<dyn Dispatcher>>,
+}
+
+impl std::fmt::Debug for Director {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Director")
+            .field("config", &self.config)
+            .field("control", &self.control)
+            .field("dispatcher", &self.dispatcher.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Director {
+    /// A director over `store` and `scheduler`, running `control`'s plugins, with priorities
+    /// from `priorities`.
+    pub fn new(
+        store: Arc<EndpointStore>,
+        scheduler: Arc<Scheduler>,
+        config: DirectorConfig,
+        control: RequestControl,
+        priorities: Arc<dyn PriorityLookup>,
+    ) -> Self {
+        Self {
+            store,
+            scheduler,
+            config,
+            control,
+            priorities,
+            dispatcher: None,
+        }
+    }
+
+    /// Lets `dispatcher` decide when admitted requests are scheduled.
+    pub fn with_dispatcher(mut self, dispatcher: Arc<dyn Dispatcher>) -> Self {
+        self.dispatcher = Some(dispatcher);
+        self
+    }
+
+    /// Attaches plugin timers for the request-control plugins.
+    pub fn with_observer(mut self, observer: &dyn PluginObserver) -> Self {
+        for p in &mut self.control.producers {
+            p.attach(observer, "PrepareData");
+        }
+        for p in &mut self.control.pre_request {
+            p.attach(observer, "PreRequest");
+        }
+        self.control.saturation.attach(observer, "AdmitRequest");
+        self
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &DirectorConfig {
+        &self.config
+    }
+
+    /// The scheduler.
+    pub fn scheduler(&self) -> &Arc<Scheduler> {
+        &self.scheduler
+    }
+
+    /// The endpoint store.
+    pub fn store(&self) -> &Arc<EndpointStore> {
+        &self.store
+    }
+
+    /// The endpoints a request may go to: those the subset hint allows, and of those the ones
+    /// with fresh metrics if there are any.
+    fn allowed<'s>(
+        &self,
+        endpoints: &'s [EndpointState],
+        subset: &Subset,
+        now: Instant,
+    ) -> Vec<&'s EndpointState> {
+        let allowed: Vec<&'s EndpointState> = if self.config.ignore_subset_hint {
+            endpoints.iter().collect()
+        } else {
+            endpoints
+                .iter()
+                .filter(|e| subset.allows(e.endpoint.address.ip()))
+                .collect()
+        };
+        let Some(staleness) = self.config.staleness else {
+            return allowed;
+        };
+        if allowed.iter().all(|e| e.metrics().is_fresh(now, staleness)) {
+            return allowed;
+        }
+        let fresh: Vec<&'s EndpointState> = allowed
+            .iter()
+            .copied()
+            .filter(|e| e.metrics().is_fresh(now, staleness))
+            .collect();
+        if fresh.is_empty() { allowed } else { fresh }
+    }
+
+    fn synced_snapshot(&self) -> Result<Arc<Snapshot>, DirectorError> {
+        let snapshot = self.store.load();
+        if !snapshot.is_synced() {
+            return Err(DirectorError::NotSynced);
+        }
+        Ok(snapshot)
+    }
+
+    /// A request without a body (e.g. GET): a random endpoint within the subset.
+    pub fn route_without_body(&self, subset: &Subset) -> Result<Decision, DirectorError> {
+        let snapshot = self.synced_snapshot()?;
+        if snapshot.endpoints().is_empty() {
+            return Err(DirectorError::NoEndpoints);
+        }
+        let allowed = self.allowed(snapshot.endpoints(), subset, Instant::now());
+        let chosen = self
+            .scheduler
+            .random_endpoint(&allowed)
+            .ok_or(DirectorError::NoCandidates)?;
+        Ok(Decision {
+            destinations: chosen.endpoint.hostport.to_string(),
+            primary: chosen.endpoint.clone(),
+            targets: Vec::new(),
+            headers: Vec::new(),
+            body: None,
+            model: String::new(),
+            target_model: String::new(),
+            stream: false,
+            held: Vec::new(),
+        })
+    }
+
+    /// The request's priority from its objective header (0 without or with an unknown one).
+    pub fn priority(&self, headers: &RequestHeaders) -> i32 {
+        headers
+            .control(keys::OBJECTIVE)
+            .and_then(|o| self.priorities.priority(o))
+            .unwrap_or(0)
+    }
+
+    /// A complete request body: parse, admit, dispatch, schedule, run the pre-request hooks,
+    /// rewrite if needed.
+    pub fn route(&self, info: &RequestInfo, body: &[u8], subset: &Subset) -> Result<Routing, DirectorError> {
+        let parsed = parse_body(body, info.headers.path())?;
+        let snapshot = self.synced_snapshot()?;
+        let now = Instant::now();
+        let allowed = self.allowed(snapshot.endpoints(), subset, now);
+        if allowed.is_empty() {
+            return Err(DirectorError::NoCandidates);
+        }
+        let cands = candidates(allowed);
+        let priority = self.priority(&info.headers);
+        if priority < 0 && self.control.saturation.timed(|d| d.saturation(&cands, now)) >= 1.0 {
+            return Err(DirectorError::Shed);
+        }
+        if let Some(dispatcher) = &self.dispatcher {
+            let req = DispatchRequest {
+                request_id: &info.request_id,
+                priority,
+                fairness_id: info
+                    .headers
+                    .control(keys::FAIRNESS_ID)
+                    .unwrap_or(keys::DEFAULT_FAIRNESS_ID),
+                bytes: body.len(),
+            };
+            if let Admit::Wait(wait) = dispatcher.dispatch(&req) {
+                return Ok(Routing::Wait(wait));
+            }
+        }
+        self.schedule(info, body, &parsed, &cands, priority, now)
+            .map(Routing::Ready)
+    }
+
+    /// A request the dispatcher let through after waiting: parse again and schedule on the
+    /// current snapshot (admission has been done).
+    pub fn route_dispatched(
+        &self,
+        info: &RequestInfo,
+        body: &[u8],
+        subset: &Subset,
+    ) -> Result<Decision, DirectorError> {
+        let parsed = parse_body(body, info.headers.path())?;
+        let snapshot = self.synced_snapshot()?;
+        let now = Instant::now();
+        let allowed = self.allowed(snapshot.endpoints(), subset, now);
+        if allowed.is_empty() {
+            return Err(DirectorError::NoCandidates);
+        }
+        let priority = self.priority(&info.headers);
+        self.schedule(info, body, &parsed, &candidates(allowed), priority, now)
+    }
+
+    fn schedule(
+        &self,
+        info: &RequestInfo,
+        body: &[u8],
+        parsed: &ParsedBody<'_>,
+        cands: &[Candidate<'_>],
+        priority: i32,
+        now: Instant,
+    ) -> Result<Decision, DirectorError> {
+        let target_model = info.headers.control(keys::MODEL_REWRITE).unwrap_or(&parsed.model);
+        let req = SchedulingRequest {
+            request_id: &info.request_id,
+            model: &parsed.model,
+            target_model,
+            prefix_input: &parsed.prefix_input,
+            cache_salt: parsed.cache_salt.as_deref(),
+            headers: &info.headers,
+            priority,
+            now,
+        };
+        let mut state = CycleState::default();
+        for p in &self.control.producers {
+            p.timed(|p| p.prepare(&req, cands, &mut state));
+        }
+        let result = self.scheduler.schedule(&req, &state, cands)?;
+        let limit = self.config.max_destinations.unwrap_or(usize::MAX).max(1);
+        let targets = result.targets();
+        let Some(primary) = targets.first() else {
+            return Err(DirectorError::Scheduling(SchedulingError::Handler(
+                "the primary profile chose no endpoint".into(),
+            )));
+        };
+        let destinations = destination_list(targets.iter().take(limit).map(|t| &*t.endpoint));
+        let primary = primary.endpoint.clone();
+        let mut ctx = PreRequestContext::default();
+        for p in &self.control.pre_request {
+            p.timed(|p| p.pre_request(&req, &state, &result, &mut ctx));
+        }
+        let (headers, held) = ctx.into_parts();
+        let named = result
+            .runs
+            .iter()
+            .filter_map(|r| {
+                let eps = r.outcome.as_ref().ok()?;
+                Some((r.name.clone(), eps.iter().map(|t| t.endpoint.clone()).collect()))
+            })
+            .collect();
+        let body = (target_model != parsed.model)
+            .then(|| rewrite_model(body, parsed.model_span.clone(), target_model));
+        Ok(Decision {
+            destinations,
+            primary,
+            targets: named,
+            headers,
+            body,
+            model: parsed.model.to_string(),
+            target_model: target_model.to_owned(),
+            stream: parsed.stream,
+            held,
+        })
+    }
+}
