@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::time::{Duration, Instant};
 
-use crate::framework::data::{Attributes, DataKey};
+use crate::framework::data::{Attributes, DataKey, KeyId, Value};
 
 /// One routable model-server endpoint: a pod (or one data-parallel rank of a pod) at `ip:port`.
 ///
@@ -152,19 +152,28 @@ impl Metrics {
 }
 
 /// One endpoint and its attributes, as one snapshot holds it.
+///
+/// The model server's figures ([`METRICS`]), which every load scorer reads for every
+/// candidate, are kept in a field of their own; every other attribute in a small list. Both
+/// are written only through [`EndpointState::set_raw`] (the store and its hooks).
 #[derive(Debug, Clone)]
 pub struct EndpointState {
     /// Identity and address.
     pub endpoint: Arc<Endpoint>,
-    /// Data the data layer and stateful plugins keep for the endpoint.
-    pub attrs: Attributes,
+    metrics: Arc<Metrics>,
+    attrs: Attributes,
 }
+
+/// The figures of every endpoint not scraped yet, shared.
+static UNSCRAPED_ARC: std::sync::LazyLock<Arc<Metrics>> =
+    std::sync::LazyLock::new(|| Arc::new(UNSCRAPED.clone()));
 
 impl EndpointState {
     /// An endpoint with no attributes yet.
     pub fn new(endpoint: Arc<Endpoint>) -> Self {
         Self {
             endpoint,
+            metrics: UNSCRAPED_ARC.clone(),
             attrs: Attributes::default(),
         }
     }
@@ -172,18 +181,43 @@ impl EndpointState {
     /// An endpoint with `metrics` (tests and benches).
     pub fn with_metrics(endpoint: Arc<Endpoint>, metrics: Metrics) -> Self {
         let mut s = Self::new(endpoint);
-        s.attrs.set(METRICS, Arc::new(metrics));
+        s.set(METRICS, Arc::new(metrics));
         s
     }
 
     /// The endpoint's load figures; all zero with `updated_at: None` before the first scrape.
     pub fn metrics(&self) -> &Metrics {
-        self.attrs.get(METRICS).unwrap_or(&UNSCRAPED)
+        &self.metrics
     }
 
     /// An attribute.
     pub fn get<T: std::any::Any>(&self, key: DataKey<T>) -> Option<&T> {
+        if key.id() == METRICS.id() {
+            // Present once a writer has set it.
+            if Arc::ptr_eq(&self.metrics, &UNSCRAPED_ARC) {
+                return None;
+            }
+            let m: &Metrics = &self.metrics;
+            return (m as &dyn std::any::Any).downcast_ref::<T>();
+        }
         self.attrs.get(key)
+    }
+
+    /// Sets an attribute.
+    pub fn set<T: std::any::Any + Send + Sync>(&mut self, key: DataKey<T>, value: Arc<T>) {
+        self.set_raw(key.id(), value);
+    }
+
+    /// Sets an attribute from an untyped value. A [`METRICS`] value that is not [`Metrics`]
+    /// is dropped (no writer is configured to send one).
+    pub fn set_raw(&mut self, id: KeyId, value: Value) {
+        if id == METRICS.id() {
+            if let Ok(m) = value.downcast::<Metrics>() {
+                self.metrics = m;
+            }
+            return;
+        }
+        self.attrs.set_raw(id, value);
     }
 }
 

@@ -185,7 +185,7 @@ impl EndpointStore {
             let state = &mut eps[pos];
             written.clear();
             for (key, value) in writes {
-                state.attrs.set_raw(key, value);
+                state.set_raw(key, value);
                 written.push(key);
             }
             for hook in &self.hooks {
@@ -283,7 +283,7 @@ mod tests {
                 self.joined.fetch_add(1, Ordering::Relaxed);
             } else if written.contains(&METRICS.id()) {
                 let n = self.written.fetch_add(1, Ordering::Relaxed) + 1;
-                state.attrs.set(stamp, Arc::new(n));
+                state.set(stamp, Arc::new(n));
             }
         }
     }

@@ -20,6 +20,8 @@ pub struct PrefixMatch {
     pub block_bytes: usize,
     /// Leading blocks held, by candidate index (see `Candidate::index`).
     pub matched: Vec<u32>,
+    /// The request's chained block hashes (what the producer records after the decision).
+    pub hashes: Vec<u64>,
 }
 
 impl PrefixMatch {

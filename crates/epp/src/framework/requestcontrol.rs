@@ -40,7 +40,41 @@ pub type AddedHeaders = Vec<(String, String)>;
 #[derive(Default)]
 pub struct PreRequestContext {
     headers: AddedHeaders,
-    held: Vec<Held>,
+    held: HeldSet,
+}
+
+/// What a request holds for its lifetime: the first item inline (the in-flight load guard,
+/// usually the only one), the rest in a list.
+#[derive(Default)]
+pub struct HeldSet {
+    first: Option<Held>,
+    rest: Vec<Held>,
+}
+
+impl HeldSet {
+    fn push(&mut self, h: Held) {
+        if self.first.is_none() {
+            self.first = Some(h);
+        } else {
+            self.rest.push(h);
+        }
+    }
+
+    /// How many items are held.
+    pub fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops everything held.
+    pub fn clear(&mut self) {
+        self.first = None;
+        self.rest.clear();
+    }
 }
 
 impl std::fmt::Debug for PreRequestContext {
@@ -71,13 +105,18 @@ impl PreRequestContext {
         self.held.push(Box::new(guard));
     }
 
+    /// How many guards are held.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
     /// The added headers, in order.
     pub fn headers(&self) -> &[(String, String)] {
         &self.headers
     }
 
     /// Splits into headers and held guards.
-    pub fn into_parts(self) -> (AddedHeaders, Vec<Held>) {
+    pub fn into_parts(self) -> (AddedHeaders, HeldSet) {
         (self.headers, self.held)
     }
 }

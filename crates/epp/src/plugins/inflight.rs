@@ -118,12 +118,12 @@ impl InFlightProducer {
 impl StoreHook for InFlightProducer {
     fn on_write(&self, state: &mut EndpointState, written: &[KeyId]) {
         if written.is_empty() {
-            state.attrs.set(self.key, Arc::new(InFlightLoad::new()));
+            state.set(self.key, Arc::new(InFlightLoad::new()));
         } else if written.contains(&METRICS.id())
-            && let Some(load) = state.attrs.get(self.key)
+            && let Some(load) = state.get(self.key)
         {
             let stamped = load.stamped();
-            state.attrs.set(self.key, Arc::new(stamped));
+            state.set(self.key, Arc::new(stamped));
         }
     }
 }
@@ -136,15 +136,17 @@ impl PreRequest for InFlightProducer {
         result: &SchedulingResult,
         ctx: &mut PreRequestContext,
     ) {
-        let mut counted: Vec<usize> = Vec::with_capacity(result.runs.len());
-        for run in &result.runs {
+        for (i, run) in result.runs.iter().enumerate() {
             let Some(target) = run.outcome.as_ref().ok().and_then(|t| t.first()) else {
                 continue;
             };
-            if counted.contains(&target.index) {
+            // Each endpoint counts the request once, however many profiles chose it.
+            let first = |r: &crate::framework::scheduling::ProfileRun| {
+                r.outcome.as_ref().ok().and_then(|t| t.first()).map(|t| t.index)
+            };
+            if result.runs[..i].iter().any(|r| first(r) == Some(target.index)) {
                 continue;
             }
-            counted.push(target.index);
             if let Some(load) = target.get(self.key) {
                 ctx.hold(load.counters.start(self.tokens(req, state, target.index)));
             }
@@ -200,6 +202,7 @@ mod tests {
                 block_tokens: 16,
                 block_bytes: 64,
                 matched: vec![0, 10],
+                hashes: Vec::new(),
             },
         );
         let mut ctx = PreRequestContext::default();

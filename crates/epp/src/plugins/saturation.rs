@@ -312,7 +312,7 @@ mod tests {
         let mut stale = states(&[(0, 0.0)]);
         let mut m = stale[0].metrics().clone();
         m.updated_at = None;
-        stale[0].attrs.set(crate::datalayer::METRICS, Arc::new(m));
+        stale[0].set(crate::datalayer::METRICS, Arc::new(m));
         assert_eq!(u.saturation(&candidates(&stale), now), 1.0);
         assert_eq!(u.saturation(&[], now), 1.0);
     }
@@ -361,7 +361,7 @@ mod tests {
         let mut s = states(&[(0, 0.0), (0, 0.0)]);
         let loads = [InFlightLoad::new(), InFlightLoad::new()];
         for (st, l) in s.iter_mut().zip(&loads) {
-            st.attrs.set(key, Arc::new(l.clone()));
+            st.set(key, Arc::new(l.clone()));
         }
         let _g: Vec<_> = (0..3).map(|_| loads[0].counters.start(1_000)).collect();
         let p: ConcurrencyParams = serde_yaml::from_str("maxConcurrency: 2").unwrap();

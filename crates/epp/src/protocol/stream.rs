@@ -30,7 +30,7 @@ use super::error::{ErrorAnswer, StreamError};
 use super::observer::{RequestObserver, RequestRecord};
 use super::usage::UsageParser;
 use super::wire;
-use crate::framework::requestcontrol::{DispatchError, Wait};
+use crate::framework::requestcontrol::{DispatchError, HeldSet, Wait};
 use crate::request::{RequestError, RequestHeaders, keys};
 use crate::requestcontrol::{Decision, Director, DirectorError, RequestInfo, Routing, Subset};
 
@@ -97,7 +97,7 @@ pub struct ExtProcStream {
     record: RequestRecord,
     span: tracing::Span,
     /// What plugins hold for the request until its response is complete.
-    held: Vec<Box<dyn Send>>,
+    held: HeldSet,
     /// A request waiting for dispatch.
     pending: Option<Pending>,
     /// The wait the director handed out, until the driver takes it.
@@ -127,7 +127,7 @@ impl ExtProcStream {
                 model = tracing::field::Empty,
                 pick = tracing::field::Empty
             ),
-            held: Vec::new(),
+            held: HeldSet::default(),
             pending: None,
             waiting: None,
         }

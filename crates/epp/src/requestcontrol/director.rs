@@ -20,10 +20,10 @@ use crate::datalayer::{Endpoint, EndpointState, EndpointStore, Snapshot};
 use crate::framework::data::CycleState;
 use crate::framework::plugin::{Named, PluginObserver};
 use crate::framework::requestcontrol::{
-    Admit, DataProducer, DispatchError, DispatchRequest, Dispatcher, PreRequest, PreRequestContext,
+    Admit, DataProducer, DispatchError, DispatchRequest, Dispatcher, HeldSet, PreRequest, PreRequestContext,
     SaturationDetector, Wait,
 };
-use crate::framework::scheduling::{Candidate, SchedulingError, SchedulingRequest, candidates};
+use crate::framework::scheduling::{Candidate, SchedulingError, SchedulingRequest, SchedulingResult};
 use crate::request::{ParsedBody, RequestError, RequestHeaders, keys, parse_body, rewrite_model};
 use crate::requestcontrol::objectives::PriorityLookup;
 use crate::scheduling::Scheduler;
@@ -136,8 +136,9 @@ pub struct Decision {
     pub destinations: String,
     /// The primary endpoint.
     pub primary: Arc<Endpoint>,
-    /// Every profile's chosen endpoints, by profile name, best first.
-    pub targets: Vec<(Arc<str>, Vec<Arc<Endpoint>>)>,
+    /// The scheduling cycle's result: every profile's chosen endpoints, by profile name, best
+    /// first (`None` for bodyless requests, which are not scheduled).
+    pub result: Option<SchedulingResult>,
     /// Request headers pre-request plugins add.
     pub headers: Vec<(String, String)>,
     /// The body to forward when it had to change (model rewrite); `None` forwards it as is.
@@ -150,14 +151,14 @@ pub struct Decision {
     pub stream: bool,
     /// What plugins hold for the request's lifetime: keep it until the response completes or
     /// the stream ends (in-flight load is released when it drops).
-    pub held: Vec<Box<dyn Send>>,
+    pub held: HeldSet,
 }
 
 impl std::fmt::Debug for Decision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Decision")
             .field("destinations", &self.destinations)
-            .field("targets", &self.targets)
+            .field("result", &self.result)
             .field("headers", &self.headers)
             .field("model", &self.model)
             .field("target_model", &self.target_model)
@@ -286,34 +287,46 @@ impl Director {
         &self.store
     }
 
-    /// The endpoints a request may go to: those the subset hint allows, and of those the ones
-    /// with fresh metrics if there are any.
+    /// The endpoints a request may go to, numbered as the cycle's candidates: those the
+    /// subset hint allows, and of those the ones with fresh metrics if there are any.
     fn allowed<'s>(
         &self,
         endpoints: &'s [EndpointState],
         subset: &Subset,
         now: Instant,
-    ) -> Vec<&'s EndpointState> {
-        let allowed: Vec<&'s EndpointState> = if self.config.ignore_subset_hint {
-            endpoints.iter().collect()
-        } else {
-            endpoints
-                .iter()
-                .filter(|e| subset.allows(e.endpoint.address.ip()))
-                .collect()
-        };
+    ) -> Vec<Candidate<'s>> {
+        let mut allowed: Vec<Candidate<'s>> = Vec::with_capacity(endpoints.len());
+        match subset {
+            // Without a hint no endpoint's identity needs reading.
+            Subset::Only(_) if !self.config.ignore_subset_hint => {
+                for state in endpoints {
+                    if subset.allows(state.endpoint.address.ip()) {
+                        let index = allowed.len();
+                        allowed.push(Candidate { state, index });
+                    }
+                }
+            }
+            _ => allowed.extend(
+                endpoints
+                    .iter()
+                    .enumerate()
+                    .map(|(index, state)| Candidate { state, index }),
+            ),
+        }
         let Some(staleness) = self.config.staleness else {
             return allowed;
         };
-        if allowed.iter().all(|e| e.metrics().is_fresh(now, staleness)) {
-            return allowed;
-        }
-        let fresh: Vec<&'s EndpointState> = allowed
+        let fresh = allowed
             .iter()
-            .copied()
-            .filter(|e| e.metrics().is_fresh(now, staleness))
-            .collect();
-        if fresh.is_empty() { allowed } else { fresh }
+            .filter(|c| c.metrics().is_fresh(now, staleness))
+            .count();
+        if fresh > 0 && fresh < allowed.len() {
+            allowed.retain(|c| c.metrics().is_fresh(now, staleness));
+            for (index, c) in allowed.iter_mut().enumerate() {
+                c.index = index;
+            }
+        }
+        allowed
     }
 
     fn synced_snapshot(&self) -> Result<Arc<Snapshot>, DirectorError> {
@@ -334,17 +347,18 @@ impl Director {
         let chosen = self
             .scheduler
             .random_endpoint(&allowed)
-            .ok_or(DirectorError::NoCandidates)?;
+            .ok_or(DirectorError::NoCandidates)?
+            .state;
         Ok(Decision {
             destinations: chosen.endpoint.hostport.to_string(),
             primary: chosen.endpoint.clone(),
-            targets: Vec::new(),
+            result: None,
             headers: Vec::new(),
             body: None,
             model: String::new(),
             target_model: String::new(),
             stream: false,
-            held: Vec::new(),
+            held: HeldSet::default(),
         })
     }
 
@@ -362,11 +376,10 @@ impl Director {
         let parsed = parse_body(body, info.headers.path())?;
         let snapshot = self.synced_snapshot()?;
         let now = Instant::now();
-        let allowed = self.allowed(snapshot.endpoints(), subset, now);
-        if allowed.is_empty() {
+        let cands = self.allowed(snapshot.endpoints(), subset, now);
+        if cands.is_empty() {
             return Err(DirectorError::NoCandidates);
         }
-        let cands = candidates(allowed);
         let priority = self.priority(&info.headers);
         if priority < 0 && self.control.saturation.timed(|d| d.saturation(&cands, now)) >= 1.0 {
             return Err(DirectorError::Shed);
@@ -405,7 +418,7 @@ impl Director {
             return Err(DirectorError::NoCandidates);
         }
         let priority = self.priority(&info.headers);
-        self.schedule(info, body, &parsed, &candidates(allowed), priority, now)
+        self.schedule(info, body, &parsed, &allowed, priority, now)
     }
 
     fn schedule(
@@ -447,20 +460,12 @@ impl Director {
             p.timed(|p| p.pre_request(&req, &state, &result, &mut ctx));
         }
         let (headers, held) = ctx.into_parts();
-        let named = result
-            .runs
-            .iter()
-            .filter_map(|r| {
-                let eps = r.outcome.as_ref().ok()?;
-                Some((r.name.clone(), eps.iter().map(|t| t.endpoint.clone()).collect()))
-            })
-            .collect();
         let body = (target_model != parsed.model)
             .then(|| rewrite_model(body, parsed.model_span.clone(), target_model));
         Ok(Decision {
             destinations,
             primary,
-            targets: named,
+            result: Some(result),
             headers,
             body,
             model: parsed.model.to_string(),

@@ -78,12 +78,6 @@ fn positive(v: Option<i64>) -> Option<usize> {
     v.filter(|v| *v > 0).and_then(|v| usize::try_from(v).ok())
 }
 
-/// What the producer keeps for its own pre-request step.
-#[derive(Debug)]
-struct Hashes {
-    hashes: Vec<u64>,
-}
-
 /// See the module docs.
 pub struct PrefixProducer {
     index: Arc<PrefixIndex>,
@@ -94,7 +88,6 @@ pub struct PrefixProducer {
     explicit_capacity: bool,
     auto_tune: bool,
     matches: DataKey<PrefixMatch>,
-    hashes: DataKey<Hashes>,
     hit_ratio: Histogram,
     hit_bytes: Histogram,
 }
@@ -135,7 +128,6 @@ impl PrefixProducer {
             explicit_capacity: capacity.is_some(),
             auto_tune: params.auto_tune.unwrap_or(true),
             matches: DataKey::named(name),
-            hashes: DataKey::named(name),
             hit_ratio: metrics.histogram(
                 "inference_extension_prefix_indexer_hit_ratio",
                 "[ALPHA] Ratio of the request's prefix blocks found on the chosen endpoint",
@@ -202,13 +194,14 @@ impl DataProducer for PrefixProducer {
         let mut hashes = Vec::new();
         let seed = chain_seed(req.target_model, req.cache_salt);
         block_hashes_into(seed, req.prefix_input, block_bytes, max_blocks, &mut hashes);
-        let mut matched = vec![0u32; candidates.len()];
-        if !hashes.is_empty() {
+        let mut matched: Vec<u32> = Vec::with_capacity(candidates.len());
+        if hashes.is_empty() {
+            matched.resize(candidates.len(), 0);
+        } else {
+            // Called once per candidate, in order.
             self.index
-                .leading_matches(candidates.iter().map(|c| c.endpoint.address), &hashes, |i, m| {
-                    if let Some(slot) = matched.get_mut(i) {
-                        *slot = u32::try_from(m).unwrap_or(u32::MAX);
-                    }
+                .leading_matches(candidates.iter().map(|c| c.endpoint.address), &hashes, |_, m| {
+                    matched.push(u32::try_from(m).unwrap_or(u32::MAX));
                 });
         }
         state.put(
@@ -218,9 +211,9 @@ impl DataProducer for PrefixProducer {
                 block_tokens: (block_bytes / BYTES_PER_TOKEN).max(1),
                 block_bytes,
                 matched,
+                hashes,
             },
         );
-        state.put(self.hashes, Hashes { hashes });
     }
 }
 
@@ -232,9 +225,10 @@ impl PreRequest for PrefixProducer {
         result: &SchedulingResult,
         _ctx: &mut PreRequestContext,
     ) {
-        let (Some(found), Some(Hashes { hashes })) = (state.get(self.matches), state.get(self.hashes)) else {
+        let Some(found) = state.get(self.matches) else {
             return;
         };
+        let hashes = &found.hashes;
         let Some(primary) = result.targets().first() else {
             return;
         };

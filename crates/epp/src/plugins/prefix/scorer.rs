@@ -89,10 +89,10 @@ impl Scorer for PrefixCacheScorer {
         if found.total_blocks == 0 {
             return;
         }
-        let total = found.total_blocks as f64;
+        let per_block = 1.0 / found.total_blocks as f64;
         for (s, c) in scores.iter_mut().zip(candidates) {
             let matched = found.matched(c.index) as f64;
-            let ratio = matched / total;
+            let ratio = matched * per_block;
             let length = if self.length_weight > 0.0 {
                 let l = (matched * found.block_tokens as f64 / self.scale_tokens).min(1.0);
                 l * l
@@ -122,6 +122,7 @@ mod tests {
                 block_tokens: 16,
                 block_bytes: 64,
                 matched,
+                hashes: Vec::new(),
             },
         );
         let headers = Default::default();

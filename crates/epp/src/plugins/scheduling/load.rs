@@ -31,9 +31,11 @@ fn min_max_inverse(candidates: &[Candidate<'_>], value: fn(&Metrics) -> u32, sco
         scores.fill(1.0);
         return;
     }
-    let range = f64::from(max - min);
+    // One division, not one per candidate: the scale is the same for all, so the order and
+    // the ties of the scores are those of the exact quotients.
+    let scale = 1.0 / f64::from(max - min);
     for (s, c) in scores.iter_mut().zip(candidates) {
-        *s = f64::from(max - value(c.metrics())) / range;
+        *s = f64::from(max - value(c.metrics())) * scale;
     }
 }
 
@@ -70,13 +72,17 @@ impl Scorer for RunningRequestsScorer {
 }
 
 /// Scraped KV utilisation corrected by the requests sent and finished since the scrape (when
-/// `load` is known), as a share of KV capacity, within [0, 1].
-pub fn estimated_kv_usage(c: &EndpointState, load: Option<&InFlightLoad>) -> f64 {
+/// the endpoint has the `load` attribute), as a share of KV capacity, within [0, 1].
+pub fn estimated_kv_usage(c: &EndpointState, load: Option<DataKey<InFlightLoad>>) -> f64 {
     let m = c.metrics();
-    let pending = match (m.cache_capacity_tokens(), load) {
-        (Some(capacity), Some(load)) => load.tokens_since_scrape() as f64 / capacity as f64,
-        _ => 0.0,
-    };
+    // The attribute is only looked up where it can change the figure.
+    let pending = m
+        .cache_capacity_tokens()
+        .and_then(|capacity| {
+            let load = c.get(load?)?;
+            Some(load.tokens_since_scrape() as f64 / capacity as f64)
+        })
+        .unwrap_or(0.0);
     (m.kv_cache_usage + pending).clamp(0.0, 1.0)
 }
 
@@ -96,8 +102,7 @@ impl Scorer for KvCacheScorer {
         scores: &mut [f64],
     ) {
         for (s, c) in scores.iter_mut().zip(candidates) {
-            let load = self.in_flight.and_then(|k| c.get(k));
-            *s = 1.0 - estimated_kv_usage(c, load);
+            *s = 1.0 - estimated_kv_usage(c, self.in_flight);
         }
     }
 }
@@ -127,15 +132,15 @@ mod tests {
         for (st, load) in s.iter_mut().zip(&loads) {
             let mut m = st.metrics().clone();
             (m.cache_block_size, m.cache_num_blocks) = (Some(16), Some(400));
-            st.attrs.set(crate::datalayer::METRICS, Arc::new(m));
-            st.attrs.set(key, Arc::new(load.clone()));
+            st.set(crate::datalayer::METRICS, Arc::new(m));
+            st.set(key, Arc::new(load.clone()));
         }
         // 1,280 tokens sent to the first since its scrape: a fifth of 6,400 tokens of KV.
         let _a = loads[0].counters.start(1_280);
         let _c = loads[2].counters.start(100_000);
         // One that was running at the scrape finishes on the second: 640 tokens freed.
         let done = loads[1].counters.start(640);
-        s[1].attrs.set(key, Arc::new(loads[1].stamped()));
+        s[1].set(key, Arc::new(loads[1].stamped()));
         drop(done);
         let headers = Default::default();
         let req = request(&headers, "m", b"");
