@@ -115,6 +115,14 @@ impl std::fmt::Debug for Running {
     }
 }
 
+/// Dropping a running EPP stops it: its tasks (among them the data layer's own thread) must
+/// not outlive their owner.
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
 impl Running {
     /// Starts a graceful shutdown.
     pub fn shutdown(&self) {
@@ -125,6 +133,11 @@ impl Running {
     pub async fn wait(self) {
         self.tracker.close();
         self.tracker.wait().await;
+    }
+
+    /// A token that fires when the EPP stops (shutdown, or an essential task failed).
+    pub fn stopped(&self) -> CancellationToken {
+        self.cancel.clone()
     }
 }
 

@@ -29,12 +29,21 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    shutdown_signal().await;
+    let stopped = running.stopped();
+    let failed = tokio::select! {
+        () = shutdown_signal() => false,
+        // An essential task failed and stopped the EPP: exit instead of idling on.
+        () = stopped.cancelled() => true,
+    };
     tracing::info!("shutting down: draining open streams");
     running.shutdown();
     running.wait().await;
     tracing::info!("stopped");
-    ExitCode::SUCCESS
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// SIGTERM (Kubernetes) or Ctrl-C.

@@ -413,3 +413,6 @@ impl Drop for FirstAttempt {
         self.report();
     }
 }
+
+#[cfg(test)]
+mod tests;
