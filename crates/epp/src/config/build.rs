@@ -286,109 +286,103 @@ impl EndpointPickerConfig {
     }
 
     fn bind_one(&self, specs: &mut Vec<Spec>, i: usize, need: &plugins::Consumes) -> Result<(), ConfigError> {
-        {
-            {
-                let consumer = specs[i].name.clone();
-                let err = |detail: String| {
-                    self.error(ConfigErrorKind::Producer {
-                        consumer: consumer.clone(),
-                        kind: need.kind.name(),
-                        detail,
-                    })
-                };
-                let named = need
-                    .param
-                    .and_then(|p| specs[i].params.get(p))
-                    .and_then(serde_yaml::Value::as_str)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned);
-                let handed = plugins::handed_to_producer(&specs[i].type_name)
-                    .filter(|(kind, _)| *kind == need.kind)
-                    .map(|(_, keys)| pick(&specs[i].params, keys))
-                    .filter(|p| !p.is_empty());
-                let handed_names = || {
-                    handed
-                        .iter()
-                        .flat_map(|m| m.keys())
-                        .filter_map(serde_yaml::Value::as_str)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                };
-                let producers: Vec<&Spec> = specs
-                    .iter()
-                    .filter(|s| plugins::produces(&s.type_name).contains(&need.kind))
-                    .collect();
-                enum Bind {
-                    To(String),
-                    Add,
-                    Nothing,
-                }
-                let bind = match (named, producers.as_slice()) {
-                    (Some(n), _) if !producers.iter().any(|p| p.name == n) => {
-                        return Err(err(format!("'{n}' is not a plugin producing it")));
-                    }
-                    (Some(n), _) if handed.is_some() => {
-                        return Err(err(format!(
-                            "its parameters {} configure the producer: set them on '{n}'",
-                            handed_names()
-                        )));
-                    }
-                    (Some(n), _) => Bind::To(n),
-                    (None, []) => match need.need {
-                        Need::Auto { .. } => Bind::Add,
-                        Need::IfPresent => Bind::Nothing,
-                    },
-                    (None, [one]) => match &handed {
-                        None => Bind::To(one.name.clone()),
-                        Some(h) if one.implicit && one.params.as_mapping() == Some(h) => {
-                            Bind::To(one.name.clone())
-                        }
-                        Some(_) if one.implicit => Bind::Add,
-                        Some(_) => {
-                            return Err(err(format!(
-                                "its parameters {} configure the producer: set them on '{}'",
-                                handed_names(),
-                                one.name
-                            )));
-                        }
-                    },
-                    (None, many) => {
-                        let names: Vec<&str> = many.iter().map(|p| p.name.as_str()).collect();
-                        let param = need.param.unwrap_or("a producer name");
-                        return Err(err(format!(
-                            "several plugins produce it ({}); set {param}",
-                            names.join(", ")
-                        )));
-                    }
-                };
-                let bound = match bind {
-                    Bind::To(n) => Some(n),
-                    Bind::Nothing => None,
-                    Bind::Add => {
-                        let Need::Auto { default } = need.need else {
-                            return Ok(());
-                        };
-                        let name = if specs.iter().any(|s| s.name == default) {
-                            format!("{consumer}/{default}")
-                        } else {
-                            default.to_owned()
-                        };
-                        specs.push(Spec {
-                            name: name.clone(),
-                            type_name: default.to_owned(),
-                            params: handed
-                                .clone()
-                                .map_or(serde_yaml::Value::Null, serde_yaml::Value::Mapping),
-                            implicit: true,
-                            bindings: BTreeMap::new(),
-                        });
-                        Some(name)
-                    }
-                };
-                if let Some(b) = bound {
-                    specs[i].bindings.insert(need.kind, b);
-                }
+        let consumer = specs[i].name.clone();
+        let err = |detail: String| {
+            self.error(ConfigErrorKind::Producer {
+                consumer: consumer.clone(),
+                kind: need.kind.name(),
+                detail,
+            })
+        };
+        let named = need
+            .param
+            .and_then(|p| specs[i].params.get(p))
+            .and_then(serde_yaml::Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned);
+        let handed = plugins::handed_to_producer(&specs[i].type_name)
+            .filter(|(kind, _)| *kind == need.kind)
+            .map(|(_, keys)| pick(&specs[i].params, keys))
+            .filter(|p| !p.is_empty());
+        let handed_names = || {
+            handed
+                .iter()
+                .flat_map(|m| m.keys())
+                .filter_map(serde_yaml::Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let producers: Vec<&Spec> = specs
+            .iter()
+            .filter(|s| plugins::produces(&s.type_name).contains(&need.kind))
+            .collect();
+        enum Bind {
+            To(String),
+            Add,
+            Nothing,
+        }
+        let bind = match (named, producers.as_slice()) {
+            (Some(n), _) if !producers.iter().any(|p| p.name == n) => {
+                return Err(err(format!("'{n}' is not a plugin producing it")));
             }
+            (Some(n), _) if handed.is_some() => {
+                return Err(err(format!(
+                    "its parameters {} configure the producer: set them on '{n}'",
+                    handed_names()
+                )));
+            }
+            (Some(n), _) => Bind::To(n),
+            (None, []) => match need.need {
+                Need::Auto { .. } => Bind::Add,
+                Need::IfPresent => Bind::Nothing,
+            },
+            (None, [one]) => match &handed {
+                None => Bind::To(one.name.clone()),
+                Some(h) if one.implicit && one.params.as_mapping() == Some(h) => Bind::To(one.name.clone()),
+                Some(_) if one.implicit => Bind::Add,
+                Some(_) => {
+                    return Err(err(format!(
+                        "its parameters {} configure the producer: set them on '{}'",
+                        handed_names(),
+                        one.name
+                    )));
+                }
+            },
+            (None, many) => {
+                let names: Vec<&str> = many.iter().map(|p| p.name.as_str()).collect();
+                let param = need.param.unwrap_or("a producer name");
+                return Err(err(format!(
+                    "several plugins produce it ({}); set {param}",
+                    names.join(", ")
+                )));
+            }
+        };
+        let bound = match bind {
+            Bind::To(n) => Some(n),
+            Bind::Nothing => None,
+            Bind::Add => {
+                let Need::Auto { default } = need.need else {
+                    return Ok(());
+                };
+                let name = if specs.iter().any(|s| s.name == default) {
+                    format!("{consumer}/{default}")
+                } else {
+                    default.to_owned()
+                };
+                specs.push(Spec {
+                    name: name.clone(),
+                    type_name: default.to_owned(),
+                    params: handed
+                        .clone()
+                        .map_or(serde_yaml::Value::Null, serde_yaml::Value::Mapping),
+                    implicit: true,
+                    bindings: BTreeMap::new(),
+                });
+                Some(name)
+            }
+        };
+        if let Some(b) = bound {
+            specs[i].bindings.insert(need.kind, b);
         }
         Ok(())
     }

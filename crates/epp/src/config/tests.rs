@@ -449,3 +449,27 @@ fn data_layer_injection_follows_v010() {
     )));
     assert!(e.contains("is not a data source"), "{e}");
 }
+
+#[test]
+fn token_load_scorer_gets_its_producer() {
+    // Alone: an in-flight producer is added for it.
+    let s = set(&format!(
+        "{HEAD}plugins:\n- type: token-load-scorer\n  parameters: {{queueThresholdTokens: 1000}}\n"
+    ))
+    .unwrap();
+    assert!(
+        names(&s).contains(&"inflight-load-producer".to_owned()),
+        "{:?}",
+        names(&s)
+    );
+    // Named: that one.
+    let s = set(&format!(
+        "{HEAD}plugins:\n- name: mine\n  type: inflight-load-producer\n- type: token-load-scorer\n  parameters: {{inFlightLoadProducerName: mine}}\n"
+    ))
+    .unwrap();
+    assert_eq!(s.store_hooks.len(), 1);
+    let e = set_err(set(&format!(
+        "{HEAD}plugins:\n- type: token-load-scorer\n  parameters: {{inFlightLoadProducerName: nobody}}\n"
+    )));
+    assert!(e.contains("'nobody' is not a plugin producing it"), "{e}");
+}

@@ -6,7 +6,6 @@
 //! [`PluginRoles`]: one object, seen through every role it implements. The configuration
 //! builder then places each role where it belongs (profiles, director, data layer), by name.
 
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,13 +92,6 @@ pub trait PluginObserver: Send + Sync {
     ) -> Option<Timer>;
     /// One whole scheduling cycle took `elapsed`.
     fn cycle(&self, elapsed: Duration);
-}
-
-/// A polling source with the extractors the data layer configuration pairs with it.
-#[derive(Clone)]
-pub struct PollingRole {
-    /// The source.
-    pub source: Arc<dyn PollingSource>,
 }
 
 /// Every role a plugin instance plays. Each role points at the same object.
@@ -253,6 +245,3 @@ impl PluginMetrics {
         f(&self.inner.lock())
     }
 }
-
-/// Something a plugin may hand to another at build time (type-erased).
-pub type Shared = Arc<dyn Any + Send + Sync>;

@@ -38,6 +38,7 @@ use self::scheduling::lora::LoraAffinityScorer;
 use self::scheduling::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use self::scheduling::profile_handler::SingleProfileHandler;
 use self::scheduling::test_filter::HeaderBasedTestingFilter;
+use self::scheduling::token_load::{TokenLoadParams, TokenLoadScorer};
 
 /// The profile handler added when a configuration with one profile names none.
 pub const DEFAULT_PROFILE_HANDLER: &str = "single-profile-handler";
@@ -57,6 +58,7 @@ pub const KNOWN_TYPES: &[&str] = &[
     "queue-scorer",
     "kv-cache-utilization-scorer",
     "running-requests-size-scorer",
+    "token-load-scorer",
     "lora-affinity-scorer",
     "prefix-cache-scorer",
     "approx-prefix-cache-producer",
@@ -186,6 +188,20 @@ pub fn consumes(type_name: &str) -> &'static [Consumes] {
             default: "inflight-load-producer",
         },
     }];
+    const TOKEN_LOAD: &[Consumes] = &[
+        Consumes {
+            kind: DataKind::InFlightLoad,
+            param: Some("inFlightLoadProducerName"),
+            need: Need::Auto {
+                default: "inflight-load-producer",
+            },
+        },
+        Consumes {
+            kind: DataKind::PrefixMatch,
+            param: None,
+            need: Need::IfPresent,
+        },
+    ];
     const INFLIGHT: &[Consumes] = &[Consumes {
         kind: DataKind::PrefixMatch,
         param: Some("prefixMatchInfoProducerName"),
@@ -195,6 +211,7 @@ pub fn consumes(type_name: &str) -> &'static [Consumes] {
         "prefix-cache-scorer" => PREFIX_SCORER,
         "kv-cache-utilization-scorer" => KV_SCORER,
         "concurrency-detector" => CONCURRENCY,
+        "token-load-scorer" => TOKEN_LOAD,
         "inflight-load-producer" => INFLIGHT,
         _ => &[],
     }
@@ -273,6 +290,16 @@ pub fn build(
                 .producer(DataKind::InFlightLoad)
                 .map(DataKey::<InFlightLoad>::named);
             h.scorer = Some(Arc::new(KvCacheScorer { in_flight }));
+        }
+        "token-load-scorer" => {
+            let p: TokenLoadParams = params(parameters)?;
+            let load = ctx
+                .producer(DataKind::InFlightLoad)
+                .ok_or_else(|| invalid("no inflight-load-producer to read"))?;
+            let prefix = ctx
+                .producer(DataKind::PrefixMatch)
+                .map(DataKey::<PrefixMatch>::named);
+            h.scorer = Some(Arc::new(TokenLoadScorer::new(DataKey::named(load), prefix, &p)));
         }
         "lora-affinity-scorer" => {
             no_params(parameters)?;
