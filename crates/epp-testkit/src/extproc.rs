@@ -122,6 +122,13 @@ pub async fn start_with(config: &str, flags: &[&str], dispatcher: Option<Arc<dyn
 }
 
 impl Epp {
+    /// Starts the EPP's graceful shutdown (as SIGTERM does).
+    pub fn shutdown(&self) {
+        if let Some(r) = &self.running {
+            r.shutdown();
+        }
+    }
+
     /// Replaces the pool with endpoints at `addrs` carrying `(waiting queue, kv usage)`.
     pub fn set_pool(&self, pool: &[(&str, u32, f64)]) {
         self.store.set_endpoints(

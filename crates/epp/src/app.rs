@@ -72,7 +72,7 @@ pub enum AppError {
 pub fn init_logging(cli: &Cli) {
     logging::init(
         cli.v,
-        cli.zap_encoder == LogEncoder::Json,
+        cli.log_encoder() == LogEncoder::Json,
         cli.zap_log_level.as_deref(),
     );
 }
@@ -289,7 +289,7 @@ pub async fn start_config(config: EppConfig, hooks: Hooks) -> Result<Running, Ap
     ));
 
     // Servers.
-    let ext_proc = ExtProcService::new(Arc::new(director), observer);
+    let ext_proc = ExtProcService::new(Arc::new(director), observer).with_shutdown(cancel.clone());
     let health_service = HealthService::new(health_rx.clone());
     let mut router = tonic::transport::Server::builder().add_service(ext_proc.into_server());
     if cli.health_checking {

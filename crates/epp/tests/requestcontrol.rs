@@ -131,6 +131,19 @@ async fn a_rejected_or_expired_request_gets_the_reference_status() {
 }
 
 #[tokio::test]
+async fn shutdown_answers_a_waiting_request_503_and_withdraws_it() {
+    let (epp, gate) = gated().await;
+    let mut c = epp.open().await;
+    c.send(request_headers(&post("/v1/chat/completions"), false))
+        .await;
+    c.send(request_body(chat_body("m", "x").as_bytes(), true)).await;
+    c.assert_silent().await;
+    epp.shutdown();
+    assert_eq!(immediate(&c.recv().await).0, 503);
+    assert_eq!(gate.withdrawn.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
 async fn a_client_that_goes_away_withdraws_its_waiting_request() {
     let (epp, gate) = gated().await;
     let mut c = epp.open().await;
@@ -310,4 +323,47 @@ async fn a_profile_handler_runs_several_profiles_and_pre_request_adds_headers() 
     let (head, _) = chat_on(open(addr).await, &body, &[]).await;
     assert_eq!(destination(&head), "10.0.0.1:8000");
     assert_eq!(set_header(&head, "x-prefiller-host-port"), None);
+}
+
+/// The in-flight producer behind the KV scorer of the default configuration, as v0.10 counts
+/// it: the request's tokens until the first response bytes, the request until the response
+/// completes.
+#[tokio::test]
+async fn in_flight_tokens_go_at_the_first_response_bytes_and_the_request_at_the_end() {
+    use endpoint_picker::framework::attributes::InFlightLoad;
+    use endpoint_picker::framework::data::DataKey;
+    let epp = start_with(SEED_CONFIG, &[], None).await;
+    epp.set_pool(&[("10.0.0.1:8000", 0, 0.0)]);
+    let key = DataKey::<InFlightLoad>::named("inflight-load-producer");
+    let load = || {
+        let snap = epp.store.load();
+        let l = snap.endpoints()[0]
+            .get(key)
+            .expect("the producer's attribute")
+            .clone();
+        (l.requests(), l.tokens())
+    };
+    let mut c = epp.open().await;
+    c.send(request_headers(&post("/v1/chat/completions"), false))
+        .await;
+    c.send(request_body(
+        chat_body("m", &"word ".repeat(200)).as_bytes(),
+        true,
+    ))
+    .await;
+    c.recv().await;
+    c.recv().await;
+    let (requests, tokens) = load();
+    assert_eq!(requests, 1);
+    assert!(tokens > 200, "{tokens}");
+    c.send(response_headers(&[(":status", "200")], false)).await;
+    c.recv().await;
+    // Response headers alone are not the first token.
+    assert_eq!(load(), (1, tokens));
+    c.send(response_body(b"data: {\"choices\":[]}\n\n", false)).await;
+    c.recv().await;
+    assert_eq!(load(), (1, 0));
+    c.send(response_body(b"data: [DONE]\n\n", true)).await;
+    c.recv().await;
+    assert_eq!(load(), (0, 0));
 }

@@ -118,6 +118,16 @@ impl EndpointPickerConfig {
         self.check_unsupported()?;
         let mut specs = self.specs()?;
         self.bind(&mut specs)?;
+        let read: Vec<String> = specs.iter().flat_map(|s| s.bindings.values().cloned()).collect();
+        if let Some(unread) = specs
+            .iter()
+            .find(|s| !plugins::produces(&s.type_name).is_empty() && !read.contains(&s.name))
+        {
+            return Err(self.error(ConfigErrorKind::Unread {
+                name: unread.name.clone(),
+                type_name: unread.type_name.clone(),
+            }));
+        }
         let metrics = PluginMetrics::default();
         let mut instances = Vec::with_capacity(specs.len() + 4);
         for spec in &specs {
@@ -332,21 +342,41 @@ impl EndpointPickerConfig {
                 )));
             }
             (Some(n), _) => Bind::To(n),
+            (None, ps) if let Some(h) = &handed => {
+                let explicit: Vec<&str> = ps
+                    .iter()
+                    .filter(|p| !p.implicit)
+                    .map(|p| p.name.as_str())
+                    .collect();
+                match ps.iter().find(|p| p.implicit && p.params.as_mapping() == Some(h)) {
+                    Some(same) => Bind::To(same.name.clone()),
+                    None if explicit.is_empty() => Bind::Add,
+                    None => {
+                        return Err(err(format!(
+                            "its parameters {} configure the producer: set them on '{}'",
+                            handed_names(),
+                            explicit.join("' or '")
+                        )));
+                    }
+                }
+            }
             (None, []) => match need.need {
                 Need::Auto { .. } => Bind::Add,
                 Need::IfPresent => Bind::Nothing,
             },
-            (None, [one]) => match &handed {
-                None => Bind::To(one.name.clone()),
-                Some(h) if one.implicit && one.params.as_mapping() == Some(h) => Bind::To(one.name.clone()),
-                Some(_) if one.implicit => Bind::Add,
-                Some(_) => {
-                    return Err(err(format!(
-                        "its parameters {} configure the producer: set them on '{}'",
-                        handed_names(),
-                        one.name
-                    )));
-                }
+            (None, [one]) => Bind::To(one.name.clone()),
+            (None, many)
+                if many
+                    .iter()
+                    .any(|p| p.name == plugins::default_producer(need.kind)) =>
+            {
+                Bind::To(plugins::default_producer(need.kind).to_owned())
+            }
+            // A consumer the configuration cannot name its producer for (no parameter, or one
+            // the defaulting rules added) gets its own, or none when the need is optional.
+            (None, _) if need.param.is_none() || specs[i].implicit => match need.need {
+                Need::Auto { .. } => Bind::Add,
+                Need::IfPresent => Bind::Nothing,
             },
             (None, many) => {
                 let names: Vec<&str> = many.iter().map(|p| p.name.as_str()).collect();
@@ -581,8 +611,17 @@ impl EndpointPickerConfig {
                 picker = Some(inst.named(p));
             }
             if !inst.roles.is_profile_member() {
-                tracing::warn!(profile = name, plugin = %inst.name, type_name = %inst.type_name,
-                    "plugin has no filter, scorer or picker role; its profile reference has no effect");
+                return Err(self.error(ConfigErrorKind::WrongRole {
+                    context: format!("profile '{name}'"),
+                    plugin: inst.name.to_string(),
+                    wanted: "filter, scorer or picker (a profile runs nothing else; reference it from the section that uses it)",
+                }));
+            }
+            if weight.is_some() && inst.roles.scorer.is_none() {
+                return Err(self.error(ConfigErrorKind::Unsupported {
+                    field: format!("schedulingProfiles[{name}].plugins[{plugin_ref}].weight"),
+                    why: "only a scorer's weight acts; remove it".into(),
+                }));
             }
         }
         let picker = match picker {
@@ -640,7 +679,24 @@ impl EndpointPickerConfig {
             }
             (None, None) => ("saturationDetector", None),
         };
+        let inline = f.saturation_detector.as_ref().is_some_and(|s| s.has_thresholds());
+        let declared = instances
+            .iter()
+            .any(|i| &*i.type_name == plugins::DEFAULT_SATURATION_DETECTOR && !i.implicit);
+        if inline && (reference.is_some_and(|r| !r.is_empty()) || declared) {
+            return Err(self.error(ConfigErrorKind::Unsupported {
+                field: "saturationDetector".into(),
+                why: "the v1.2–v1.4 thresholds configure the detector added when none is declared; with detector plugins, set them as the plugin's parameters".into(),
+            }));
+        }
         let index = match reference.filter(|r| !r.is_empty()) {
+            // v0.10 adds the default detector a reference names when it is not declared.
+            Some(r)
+                if r == plugins::DEFAULT_SATURATION_DETECTOR && !instances.iter().any(|i| &*i.name == r) =>
+            {
+                instances.push(self.implicit(plugins::DEFAULT_SATURATION_DETECTOR, defaults, metrics)?);
+                instances.len() - 1
+            }
             Some(r) => instances.iter().position(|i| &*i.name == r).ok_or_else(|| {
                 self.error(ConfigErrorKind::UndefinedRef {
                     context: context.to_owned(),
@@ -697,6 +753,10 @@ impl EndpointPickerConfig {
             refs.push(("parser", plugins::DEFAULT_PARSER));
         }
         for (context, r) in refs {
+            // v0.10 (and GIE v1.5 for `parser`) adds a parser a reference names by its type.
+            if !instances.iter().any(|i| &*i.name == r) && plugins::KNOWN_TYPES.contains(&r) {
+                instances.push(self.implicit(r, defaults, metrics)?);
+            }
             let Some(inst) = instances.iter_mut().find(|i| &*i.name == r) else {
                 return Err(self.error(ConfigErrorKind::UndefinedRef {
                     context: context.to_owned(),

@@ -216,12 +216,14 @@ pub struct Cli {
     /// Ignore the gateway's subset hint.
     #[arg(long, default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
     pub disable_endpoint_subset_filter: bool,
-    /// Accepted for compatibility (no profiling endpoints).
-    #[arg(long, default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
-    pub enable_pprof: bool,
-    /// Accepted for compatibility (no OpenTelemetry export).
-    #[arg(long, default_value = "true", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
-    pub tracing: bool,
+    /// Go's pprof endpoints: this EPP has none, so `=true` is refused and `=false` accepted
+    /// (the reference defaults to true; left out, nothing is served).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
+    pub enable_pprof: Option<bool>,
+    /// OpenTelemetry export: not built yet, so `=true` is refused and `=false` accepted (the
+    /// reference's chart always writes one of them).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
+    pub tracing: Option<bool>,
 
     /// Request bodies larger than this get 413.
     #[arg(long, default_value_t = crate::requestcontrol::DEFAULT_MAX_BODY_BYTES)]
@@ -234,19 +236,21 @@ pub struct Cli {
     /// Log verbosity (2 = info, 4 = debug, 5 = trace).
     #[arg(long, default_value_t = 2)]
     pub v: u8,
-    /// Log format.
-    #[arg(long, value_enum, default_value_t = LogEncoder::Console)]
-    pub zap_encoder: LogEncoder,
+    /// Log format; without it, console, or JSON with `--zap-devel=false` (controller-runtime's
+    /// development and production defaults).
+    #[arg(long, value_enum)]
+    pub zap_encoder: Option<LogEncoder>,
     /// Log level (overrides --v): debug, info, warn, error, or a negative number.
     #[arg(long)]
     pub zap_log_level: Option<String>,
-    /// Accepted for compatibility.
-    #[arg(long, default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
-    pub zap_devel: bool,
-    /// Accepted for compatibility.
+    /// zap's development mode (the reference's default): the default log format is console;
+    /// `=false` makes it JSON, as controller-runtime's production mode.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set, value_parser = go_bool)]
+    pub zap_devel: Option<bool>,
+    /// Refused when set: these logs carry no stack traces.
     #[arg(long)]
     pub zap_stacktrace_level: Option<String>,
-    /// Accepted for compatibility.
+    /// Refused when set: timestamps are RFC 3339 in UTC with microseconds.
     #[arg(long)]
     pub zap_time_encoding: Option<String>,
 }
@@ -285,6 +289,15 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Cli, clap:
 pub struct CliError(pub String);
 
 impl Cli {
+    /// The log format: `--zap-encoder`, else JSON in zap's production mode, else console.
+    pub fn log_encoder(&self) -> LogEncoder {
+        match (self.zap_encoder, self.zap_devel) {
+            (Some(e), _) => e,
+            (None, Some(false)) => LogEncoder::Json,
+            (None, _) => LogEncoder::Console,
+        }
+    }
+
     /// Checks what clap cannot: exclusive flags, required combinations, metric specs.
     pub fn validate(&self) -> Result<(), CliError> {
         if self.config_file.is_some() && self.config_text.is_some() {
@@ -328,6 +341,31 @@ impl Cli {
         if !self.model_server_metrics_path.starts_with('/') {
             return Err(CliError("--model-server-metrics-path must start with '/'".into()));
         }
+        let refused = [
+            (
+                self.enable_pprof == Some(true),
+                "--enable-pprof=true: this EPP serves no profiling endpoints; pass --enable-pprof=false or leave it out",
+            ),
+            (
+                self.tracing == Some(true),
+                "--tracing=true: OpenTelemetry export is not built yet; pass --tracing=false or leave it out",
+            ),
+            (
+                self.zap_stacktrace_level.is_some(),
+                "--zap-stacktrace-level: these logs carry no stack traces; remove it",
+            ),
+            (
+                self.zap_time_encoding.is_some(),
+                "--zap-time-encoding: log timestamps are RFC 3339 in UTC with microseconds; remove it",
+            ),
+            (
+                self.enable_cert_reload && (!self.secure_serving || self.cert_path.is_none()),
+                "--enable-cert-reload needs --cert-path and TLS (--secure-serving): there is no certificate file to reload",
+            ),
+        ];
+        if let Some((_, why)) = refused.iter().find(|(r, _)| *r) {
+            return Err(CliError((*why).to_owned()));
+        }
         Ok(())
     }
 }
@@ -365,9 +403,38 @@ mod tests {
         .unwrap();
         assert_eq!(cli.pool_name, "mistral");
         assert_eq!(cli.v, 4);
-        assert_eq!(cli.zap_encoder, LogEncoder::Json);
+        assert_eq!(cli.zap_encoder, Some(LogEncoder::Json));
         assert!(cli.secure_serving);
         cli.validate().unwrap();
+    }
+
+    #[test]
+    fn flags_that_cannot_act_are_refused_and_their_off_values_accepted() {
+        let check = |args: &[&str]| parse(&[&["--pool-name=p"], args].concat()).unwrap().validate();
+        for (args, want) in [
+            (&["--enable-pprof=true"][..], "--enable-pprof=true"),
+            (&["--enable-pprof"], "--enable-pprof=true"),
+            (&["--tracing=true"], "--tracing=true"),
+            (&["--zap-stacktrace-level", "error"], "--zap-stacktrace-level"),
+            (&["--zap-time-encoding", "epoch"], "--zap-time-encoding"),
+            (
+                &["--enable-cert-reload"],
+                "--enable-cert-reload needs --cert-path",
+            ),
+        ] {
+            let e = check(args).unwrap_err().0;
+            assert!(e.starts_with(want), "{args:?}: {e}");
+        }
+        check(&["--enable-pprof=false", "--tracing=false", "--zap-devel=true"]).unwrap();
+        // zap's production mode logs JSON unless told otherwise.
+        let cli = parse(&["--pool-name=p", "--zap-devel=false"]).unwrap();
+        assert_eq!(cli.log_encoder(), LogEncoder::Json);
+        let cli = parse(&["--pool-name=p", "--zap-devel=false", "--zap-encoder", "console"]).unwrap();
+        assert_eq!(cli.log_encoder(), LogEncoder::Console);
+        assert_eq!(
+            parse(&["--pool-name=p"]).unwrap().log_encoder(),
+            LogEncoder::Console
+        );
     }
 
     #[test]

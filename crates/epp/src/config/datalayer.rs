@@ -127,6 +127,12 @@ pub(super) fn plan(
                 wanted: "data source",
             }));
         };
+        if xs.is_empty() {
+            return Err(cfg.error(ConfigErrorKind::Unsupported {
+                field: format!("{section}.sources[{}].extractors", source.name),
+                why: "a polling source without extractors collects nothing; list at least one (e.g. a core-metrics-extractor)".into(),
+            }));
+        }
         let mut plan = PollingPlan {
             source: source.named(poll),
             extractors: Vec::new(),

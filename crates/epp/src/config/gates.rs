@@ -62,9 +62,10 @@ fn parse_bool(s: &str) -> Option<bool> {
 }
 
 impl FeatureGates {
-    /// Resolves the entries of `featureGates`.
+    /// Resolves the entries of `featureGates`. An entry for a gate already listed replaces
+    /// the earlier one (v0.10 folds the list into a map the same way).
     pub fn parse(entries: &[String]) -> Result<Self, GateError> {
-        let mut gates = Self::default();
+        let mut values: Vec<(&str, bool)> = Vec::new();
         for entry in entries {
             let (name, value) = match entry.split_once('=') {
                 Some((n, v)) => (
@@ -76,12 +77,16 @@ impl FeatureGates {
                 ),
                 None => (entry.trim(), true),
             };
+            if !KNOWN.contains(&name) {
+                return Err(GateError::Unknown(name.to_owned()));
+            }
+            values.retain(|(n, _)| *n != name);
+            values.push((name, value));
+        }
+        let mut gates = Self::default();
+        for (name, value) in values {
             match (name, value) {
-                ("dataLayer", true)
-                | ("prepareDataPlugins", true)
-                | ("haPopulateNonLeaderDatastore", true) => {}
                 ("dataLayer", false) | ("enableLegacyMetrics", true) => gates.legacy_metrics = true,
-                ("enableLegacyMetrics", false) | ("flowControl", false) => {}
                 ("prepareDataPlugins", false) => {
                     return Err(GateError::Unsupported {
                         gate: "prepareDataPlugins",
@@ -103,7 +108,7 @@ impl FeatureGates {
                         why: "followers always keep the pool current (they serve ext_proc too)",
                     });
                 }
-                (other, _) => return Err(GateError::Unknown(other.to_owned())),
+                _ => {}
             }
         }
         Ok(gates)
@@ -142,5 +147,21 @@ mod tests {
         assert!(e.contains("'maybe'") && e.contains("flowControl"), "{e}");
         assert!(parse(&["haPopulateNonLeaderDatastore=false"]).is_err());
         assert!(parse(&["haPopulateNonLeaderDatastore"]).is_ok());
+    }
+
+    #[test]
+    fn the_last_entry_for_a_gate_wins() {
+        assert!(parse(&["flowControl=true", "flowControl=false"]).is_ok());
+        assert!(parse(&["flowControl=false", "flowControl"]).is_err());
+        assert!(
+            !parse(&["enableLegacyMetrics", "enableLegacyMetrics=false"])
+                .unwrap()
+                .legacy_metrics
+        );
+        assert!(
+            parse(&["enableLegacyMetrics=false", "enableLegacyMetrics"])
+                .unwrap()
+                .legacy_metrics
+        );
     }
 }

@@ -79,6 +79,16 @@ pub enum ConfigErrorKind {
         /// Its roles.
         roles: String,
     },
+    /// A producer no plugin reads from.
+    #[error(
+        "plugin '{name}' (type '{type_name}') produces data no plugin reads: add a plugin that uses it (e.g. a scorer naming it), or remove it"
+    )]
+    Unread {
+        /// Plugin name.
+        name: String,
+        /// Plugin type.
+        type_name: String,
+    },
     /// A consumer whose producer cannot be settled.
     #[error("plugin '{consumer}' reads {kind}, but {detail}")]
     Producer {

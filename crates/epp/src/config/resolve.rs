@@ -244,9 +244,6 @@ impl EppConfig {
         } else {
             None
         };
-        if cli.enable_cert_reload && (tls.is_none() || cli.cert_path.is_none()) {
-            tracing::warn!("--enable-cert-reload has no effect without --cert-path and TLS");
-        }
 
         let namespace = namespace(&cli, env);
         let director = DirectorConfig {

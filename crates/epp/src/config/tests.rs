@@ -413,11 +413,34 @@ fn prefix_parameters_of_older_configs_reach_their_producer() {
         e.contains("several plugins produce it (a, b); set prefixMatchInfoProducerName"),
         "{e}"
     );
-    let s = set(&format!(
+    // A producer nothing reads is refused.
+    let e = set_err(set(&format!(
         "{HEAD}plugins:\n- name: a\n  type: approx-prefix-cache-producer\n- name: b\n  type: approx-prefix-cache-producer\n- type: prefix-cache-scorer\n  parameters: {{prefixMatchInfoProducerName: b}}\n"
+    )));
+    assert!(
+        e.contains("plugin 'a' (type 'approx-prefix-cache-producer') produces data no plugin reads"),
+        "{e}"
+    );
+    let s = set(&format!(
+        "{HEAD}plugins:\n- name: a\n  type: approx-prefix-cache-producer\n- name: b\n  type: approx-prefix-cache-producer\n- name: sa\n  type: prefix-cache-scorer\n  parameters: {{prefixMatchInfoProducerName: a}}\n- name: sb\n  type: prefix-cache-scorer\n  parameters: {{prefixMatchInfoProducerName: b}}\n"
     ))
     .unwrap();
     assert_eq!(s.control.producers.len(), 2);
+    // Two scorers written for v1.4 with different index parameters get one producer each, and
+    // the in-flight producer added for the KV scorer reads the one named after its type.
+    let s = set(&format!(
+        "{HEAD}plugins:\n- name: s1\n  type: prefix-cache-scorer\n  parameters: {{blockSize: 64}}\n- name: s2\n  type: prefix-cache-scorer\n  parameters: {{blockSize: 128}}\n- name: s3\n  type: prefix-cache-scorer\n  parameters: {{blockSize: 64}}\n- type: kv-cache-utilization-scorer\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        s.control.producers.iter().map(|p| &*p.name).collect::<Vec<_>>(),
+        ["approx-prefix-cache-producer", "s2/approx-prefix-cache-producer"]
+    );
+    assert!(
+        names(&s).contains(&"inflight-load-producer".to_owned()),
+        "{:?}",
+        names(&s)
+    );
     let e = set_err(set(&format!(
         "{HEAD}plugins:\n- type: prefix-cache-scorer\n  parameters: {{prefixMatchInfoProducerName: nope}}\n"
     )));
@@ -472,4 +495,111 @@ fn token_load_scorer_gets_its_producer() {
         "{HEAD}plugins:\n- type: token-load-scorer\n  parameters: {{inFlightLoadProducerName: nobody}}\n"
     )));
     assert!(e.contains("'nobody' is not a plugin producing it"), "{e}");
+}
+
+#[test]
+fn a_reference_to_a_default_type_adds_it() {
+    for section in [
+        "flowControl:\n  saturationDetector: {pluginRef: utilization-detector}\n",
+        "saturationDetector: {pluginRef: utilization-detector}\n",
+    ] {
+        let s = set(&format!("{HEAD}{section}plugins:\n- type: queue-scorer\n")).unwrap();
+        assert_eq!(&*s.control.saturation.name, "utilization-detector");
+    }
+    for section in [
+        "requestHandler:\n  parsers: [{pluginRef: openai-parser}]\n",
+        "parser: {pluginRef: openai-parser}\n",
+    ] {
+        let s = set(&format!("{HEAD}{section}plugins:\n- type: queue-scorer\n")).unwrap();
+        assert!(names(&s).contains(&"openai-parser".to_owned()), "{:?}", names(&s));
+    }
+    // Another detector type is not added for a reference.
+    let e = set_err(set(&format!(
+        "{HEAD}flowControl:\n  saturationDetector: {{pluginRef: concurrency-detector}}\nplugins:\n- type: queue-scorer\n"
+    )));
+    assert!(e.contains("'concurrency-detector'"), "{e}");
+}
+
+#[test]
+fn settings_that_would_not_act_are_refused() {
+    let refused = |body: &str, want: &str| {
+        let e = set_err(set(&format!("{HEAD}{body}")));
+        assert!(e.contains(want), "{want:?} not in {e}");
+    };
+    // The v1.2–v1.4 thresholds only configure the detector added when none is declared.
+    refused(
+        "saturationDetector: {queueDepthThreshold: 3}\nflowControl:\n  saturationDetector: {pluginRef: c}\nplugins:\n- name: c\n  type: concurrency-detector\n- type: queue-scorer\n",
+        "the v1.2–v1.4 thresholds configure the detector added",
+    );
+    refused(
+        "saturationDetector: {queueDepthThreshold: 3}\nplugins:\n- type: utilization-detector\n  parameters: {queueDepthThreshold: 9}\n- type: queue-scorer\n",
+        "the v1.2–v1.4 thresholds configure the detector added",
+    );
+    // A polling source without extractors.
+    refused(
+        "plugins:\n- type: queue-scorer\n- name: scraper\n  type: metrics-data-source\ndataLayer:\n  sources: [{pluginRef: scraper}]\n",
+        "dataLayer.sources[scraper].extractors",
+    );
+    // Producer numbers that cannot mean what they say.
+    for (params, want) in [
+        ("blockSizeTokens: 0", "blockSizeTokens must be > 0"),
+        ("maxPrefixBlocksToMatch: 0", "maxPrefixBlocksToMatch must be > 0"),
+        (
+            "maxPrefixTokensToMatch: -1",
+            "maxPrefixTokensToMatch must be >= 0",
+        ),
+        ("lruCapacityPerServer: -5", "lruCapacityPerServer must be > 0"),
+    ] {
+        refused(
+            &format!(
+                "plugins:\n- type: approx-prefix-cache-producer\n  parameters: {{{params}}}\n- type: prefix-cache-scorer\n"
+            ),
+            want,
+        );
+        refused(
+            &format!("plugins:\n- name: old\n  type: prefix-cache-scorer\n  parameters: {{{params}}}\n"),
+            want,
+        );
+    }
+    // A weight only a scorer reads; a profile entry that runs nothing.
+    refused(
+        "plugins:\n- type: queue-scorer\n- type: max-score-picker\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n  - pluginRef: max-score-picker\n    weight: 2\n",
+        "schedulingProfiles[default].plugins[max-score-picker].weight",
+    );
+    refused(
+        "plugins:\n- type: prefix-cache-scorer\n- type: approx-prefix-cache-producer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: prefix-cache-scorer\n  - pluginRef: approx-prefix-cache-producer\n",
+        "'approx-prefix-cache-producer' is not a filter, scorer or picker",
+    );
+    // A CA bundle with verification turned off.
+    refused(
+        "plugins:\n- type: queue-scorer\n- type: metrics-data-source\n  parameters: {scheme: https, caCertPath: /ca.pem, insecureSkipVerify: true}\n",
+        "caCertPath and insecureSkipVerify: true contradict",
+    );
+}
+
+#[test]
+fn several_producers_without_a_name_fall_back_as_v010_does() {
+    // The KV scorer has no producer parameter: it reads the one named after the type...
+    let s = set(&format!(
+        "{HEAD}plugins:\n- type: inflight-load-producer\n- name: other\n  type: inflight-load-producer\n- type: kv-cache-utilization-scorer\n- type: token-load-scorer\n  parameters: {{inFlightLoadProducerName: other}}\n"
+    ))
+    .unwrap();
+    assert_eq!(s.store_hooks.len(), 2);
+    // ...and gets its own when none is; the unnamed choice is then refused for a consumer that
+    // can name one.
+    let e = set_err(set(&format!(
+        "{HEAD}plugins:\n- name: a\n  type: inflight-load-producer\n- name: b\n  type: inflight-load-producer\n- type: token-load-scorer\n"
+    )));
+    assert!(
+        e.contains("several plugins produce it (a, b); set inFlightLoadProducerName"),
+        "{e}"
+    );
+    // token-load's prefix input has no parameter: with two prefix producers it reads the one
+    // named after the type.
+    let s = set(&format!(
+        "{HEAD}plugins:\n- type: approx-prefix-cache-producer\n- name: p2\n  type: approx-prefix-cache-producer\n- type: prefix-cache-scorer\n  parameters: {{prefixMatchInfoProducerName: p2}}\n- type: token-load-scorer\n"
+    ))
+    .unwrap();
+    assert_eq!(s.control.producers.len(), 2, "{:?}", names(&s));
+    assert_eq!(s.store_hooks.len(), 1, "{:?}", names(&s));
 }

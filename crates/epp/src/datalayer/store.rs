@@ -61,6 +61,12 @@ impl Snapshot {
 pub trait StoreHook: Send + Sync {
     /// `state` is entering the pool (`written` is empty) or has just had `written` replaced.
     fn on_write(&self, state: &mut EndpointState, written: &[KeyId]);
+
+    /// `state` replaces `previous`: the same server (name and address) with new labels or
+    /// metrics port. By default it enters as a new endpoint.
+    fn on_replace(&self, state: &mut EndpointState, _previous: &EndpointState) {
+        self.on_write(state, &[]);
+    }
 }
 
 /// One source's writes for one endpoint.
@@ -117,7 +123,8 @@ impl EndpointStore {
 
     /// Replaces the endpoint set and marks the pool synced. Endpoints that were already known
     /// (same name, address and labels) keep their attributes; new ones start with what the
-    /// hooks attach.
+    /// hooks attach, and one that only changed labels or metrics port starts with what the
+    /// hooks carry over ([`StoreHook::on_replace`]: in-flight counts survive a relabel).
     pub fn set_endpoints(&self, endpoints: impl IntoIterator<Item = Endpoint>) {
         let _guard = self.writer.lock();
         let old = self.current.load();
@@ -126,9 +133,16 @@ impl EndpointStore {
             .map(|ep| match old.endpoints.iter().find(|s| *s.endpoint == ep) {
                 Some(existing) => existing.clone(),
                 None => {
+                    let previous = old
+                        .endpoints
+                        .iter()
+                        .find(|s| s.endpoint.name == ep.name && s.endpoint.address == ep.address);
                     let mut state = EndpointState::new(Arc::new(ep));
                     for hook in &self.hooks {
-                        hook.on_write(&mut state, &[]);
+                        match previous {
+                            Some(p) => hook.on_replace(&mut state, p),
+                            None => hook.on_write(&mut state, &[]),
+                        }
                     }
                     state
                 }

@@ -31,6 +31,15 @@ impl PrefixMatch {
     }
 }
 
+/// The output tokens an in-flight producer estimates for the request and counts against its
+/// endpoint (llm-d-router v0.10 adds them to the request's uncached tokens), stored in the
+/// cycle state by a producer that estimates output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EstimatedOutput {
+    /// Estimated generated tokens.
+    pub tokens: u64,
+}
+
 /// Live load counters of one endpoint as this EPP routes to it, shared by every snapshot the
 /// endpoint is in. Updated on the request path with relaxed atomic adds only.
 #[derive(Debug, Default)]
@@ -43,7 +52,8 @@ pub struct LoadCounters {
 
 impl LoadCounters {
     /// Counts a request of about `tokens` tokens routed to the endpoint until the returned
-    /// guard drops (its response completed or its stream ended).
+    /// guard drops (its response completed or its stream ended); see [`InFlightGuard::releasing`]
+    /// for an earlier release.
     pub fn start(self: &Arc<Self>, tokens: u64) -> InFlightGuard {
         let signed = i64::try_from(tokens).unwrap_or(i64::MAX);
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -52,6 +62,9 @@ impl LoadCounters {
         InFlightGuard {
             counters: self.clone(),
             tokens,
+            release: Release::AtEnd,
+            tokens_out: false,
+            request_out: false,
         }
     }
 
@@ -76,22 +89,72 @@ impl LoadCounters {
     }
 }
 
-/// One request's share of an endpoint's load; released when dropped.
+/// When an [`InFlightGuard`] lets go of its share before it drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Everything when the guard drops (the response completed or the stream ended).
+    AtEnd,
+    /// The tokens at the response's first body chunk (the server has prefilled the prompt),
+    /// the request when the guard drops: llm-d-router v0.10's in-flight producer without
+    /// output estimation.
+    TokensAtStart,
+    /// Everything at the response's first body chunk: a prefill endpoint's part is done then.
+    AllAtStart,
+}
+
+/// One request's share of an endpoint's load; released when dropped, or earlier as its
+/// [`Release`] says.
 #[derive(Debug)]
 pub struct InFlightGuard {
     counters: Arc<LoadCounters>,
     tokens: u64,
+    release: Release,
+    tokens_out: bool,
+    request_out: bool,
+}
+
+impl InFlightGuard {
+    /// The same guard, letting go as `release` says.
+    pub fn releasing(mut self, release: Release) -> Self {
+        self.release = release;
+        self
+    }
+
+    fn release_tokens(&mut self) {
+        if !std::mem::replace(&mut self.tokens_out, true) {
+            self.counters
+                .tokens
+                .fetch_sub(i64::try_from(self.tokens).unwrap_or(i64::MAX), Ordering::Relaxed);
+        }
+    }
+
+    fn release_request(&mut self) {
+        if !std::mem::replace(&mut self.request_out, true) {
+            // Finished before the request count falls: a concurrent reader that sees the
+            // request gone also sees it done.
+            self.counters.done.fetch_add(self.tokens, Ordering::Relaxed);
+            self.counters.requests.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl crate::framework::requestcontrol::Hold for InFlightGuard {
+    fn response_started(&mut self) {
+        match self.release {
+            Release::AtEnd => {}
+            Release::TokensAtStart => self.release_tokens(),
+            Release::AllAtStart => {
+                self.release_request();
+                self.release_tokens();
+            }
+        }
+    }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        let c = &self.counters;
-        // Finished before the in-flight counts fall: a concurrent reader that sees the
-        // request gone also sees it done.
-        c.done.fetch_add(self.tokens, Ordering::Relaxed);
-        c.tokens
-            .fetch_sub(i64::try_from(self.tokens).unwrap_or(i64::MAX), Ordering::Relaxed);
-        c.requests.fetch_sub(1, Ordering::Relaxed);
+        self.release_request();
+        self.release_tokens();
     }
 }
 
@@ -167,5 +230,28 @@ mod tests {
         drop(a);
         assert_eq!(stamped.tokens_since_scrape(), -300);
         assert_eq!((stamped.requests(), stamped.tokens()), (0, 0));
+    }
+
+    #[test]
+    fn guards_let_go_early_as_asked() {
+        use crate::framework::requestcontrol::Hold;
+        let load = InFlightLoad::new();
+        let mut end = load.counters.start(100);
+        let mut tokens = load.counters.start(10).releasing(Release::TokensAtStart);
+        let mut all = load.counters.start(1).releasing(Release::AllAtStart);
+        assert_eq!((load.requests(), load.tokens()), (3, 111));
+        for g in [&mut end, &mut tokens, &mut all] {
+            g.response_started();
+            g.response_started();
+        }
+        assert_eq!((load.requests(), load.tokens()), (2, 100));
+        assert_eq!(load.tokens_since_scrape(), 110);
+        drop(tokens);
+        assert_eq!((load.requests(), load.tokens()), (1, 100));
+        drop((end, all));
+        assert_eq!(
+            (load.requests(), load.tokens(), load.tokens_since_scrape()),
+            (0, 0, 0)
+        );
     }
 }

@@ -17,6 +17,7 @@ use std::any::{Any, TypeId};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -161,19 +162,52 @@ pub struct SubscriptionContext {
 #[derive(Clone, Debug)]
 pub struct Publisher {
     tx: mpsc::Sender<(Arc<Endpoint>, Writes)>,
+    /// The keys this handle may write, and who writes (a subscribing source gets a handle
+    /// limited to the keys it declared: the one-writer rule holds at run time too).
+    only: Option<(Arc<[KeyId]>, Arc<str>)>,
+    warned: Arc<AtomicBool>,
 }
 
 impl Publisher {
     /// A publisher sending to `tx`.
     pub fn new(tx: mpsc::Sender<(Arc<Endpoint>, Writes)>) -> Self {
-        Self { tx }
+        Self {
+            tx,
+            only: None,
+            warned: Arc::default(),
+        }
+    }
+
+    /// The same queue, dropping (and logging once) writes of keys other than `keys` that
+    /// `writer` did not declare.
+    pub fn only(&self, keys: Vec<KeyId>, writer: &str) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            only: Some((keys.into(), writer.into())),
+            warned: Arc::default(),
+        }
     }
 
     /// Queues writes for `endpoint`; waits while the queue is full (it is bounded, so a
     /// stalled store slows writers down instead of growing). `false` once the collector has
     /// stopped.
-    pub async fn publish(&self, endpoint: Arc<Endpoint>, writes: Writes) -> bool {
+    pub async fn publish(&self, endpoint: Arc<Endpoint>, mut writes: Writes) -> bool {
+        if let Some((keys, writer)) = &self.only {
+            keep_declared(&mut writes, keys, writer, &self.warned);
+        }
         self.tx.send((endpoint, writes)).await.is_ok()
+    }
+}
+
+/// Drops from `writes` the keys `writer` did not declare, warning the first time.
+pub fn keep_declared(writes: &mut Writes, declared: &[KeyId], writer: &str, warned: &AtomicBool) {
+    let before = writes.len();
+    writes.retain(|(k, _)| declared.contains(k));
+    if writes.len() != before && !warned.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            writer,
+            "a data plugin wrote attributes it did not declare; they are dropped"
+        );
     }
 }
 

@@ -30,8 +30,16 @@ pub trait DataProducer: Send + Sync {
     fn prepare(&self, req: &SchedulingRequest<'_>, candidates: &[Candidate<'_>], state: &mut CycleState);
 }
 
+/// Something a pre-request plugin keeps for a request: dropped when the response completes
+/// or the stream ends, told when the response starts.
+pub trait Hold: Send {
+    /// The response's first body chunk arrived: the server has read the prompt and is
+    /// generating. Called at most once; nothing by default.
+    fn response_started(&mut self) {}
+}
+
 /// Something kept for a request's lifetime.
-pub type Held = Box<dyn Send>;
+pub type Held = Box<dyn Hold>;
 
 /// Request headers to add, as `(name, value)`.
 pub type AddedHeaders = Vec<(String, String)>;
@@ -70,6 +78,13 @@ impl HeldSet {
         self.len() == 0
     }
 
+    /// Tells everything held that the response started.
+    pub fn response_started(&mut self) {
+        for h in self.first.iter_mut().chain(self.rest.iter_mut()) {
+            h.response_started();
+        }
+    }
+
     /// Drops everything held.
     pub fn clear(&mut self) {
         self.first = None;
@@ -100,8 +115,9 @@ impl PreRequestContext {
     }
 
     /// Keeps `guard` until the request's response completes or its stream ends, whichever
-    /// comes first, then drops it. In-flight accounting releases its share this way.
-    pub fn hold(&mut self, guard: impl Send + 'static) {
+    /// comes first, then drops it; tells it when the response starts. In-flight accounting
+    /// releases its share this way.
+    pub fn hold(&mut self, guard: impl Hold + 'static) {
         self.held.push(Box::new(guard));
     }
 

@@ -38,6 +38,9 @@ pub struct SchedulingRequest<'a> {
     pub headers: &'a RequestHeaders,
     /// Priority from the request's InferenceObjective (0 without one); below 0 is sheddable.
     pub priority: i32,
+    /// The client's cap on generated tokens, when it set one (see
+    /// [`crate::request::ParsedBody::max_output_tokens`]).
+    pub max_output_tokens: Option<u64>,
     /// The cycle's notion of "now" for metric ages.
     pub now: Instant,
 }
@@ -59,6 +62,7 @@ impl<'a> SchedulingRequest<'a> {
             cache_salt,
             headers,
             priority: 0,
+            max_output_tokens: None,
             now: Instant::now(),
         }
     }

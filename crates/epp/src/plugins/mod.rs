@@ -217,6 +217,15 @@ pub fn consumes(type_name: &str) -> &'static [Consumes] {
     }
 }
 
+/// The producer type of `kind` a consumer falls back to among several producers without a
+/// name: the one named after this type (v0.10 reads the data key of the default producer).
+pub fn default_producer(kind: DataKind) -> &'static str {
+    match kind {
+        DataKind::PrefixMatch => "approx-prefix-cache-producer",
+        DataKind::InFlightLoad => "inflight-load-producer",
+    }
+}
+
 /// The data `type_name` produces for others.
 pub fn produces(type_name: &str) -> &'static [DataKind] {
     match type_name {
@@ -257,10 +266,15 @@ impl BuildContext<'_> {
 
 /// `params` without the keys in `skip` (the builder hands those to another plugin).
 fn without(value: &serde_yaml::Value, skip: &[&str]) -> serde_yaml::Value {
+    filter_keys(value, skip, false)
+}
+
+/// `value` (a mapping) with only the keys in `keys` (`keep`), or only the others.
+fn filter_keys(value: &serde_yaml::Value, keys: &[&str], keep: bool) -> serde_yaml::Value {
     match value {
         serde_yaml::Value::Mapping(m) => serde_yaml::Value::Mapping(
             m.iter()
-                .filter(|(k, _)| !k.as_str().is_some_and(|k| skip.contains(&k)))
+                .filter(|(k, _)| k.as_str().is_some_and(|k| keys.contains(&k)) == keep)
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         ),
@@ -299,13 +313,17 @@ pub fn build(
             let prefix = ctx
                 .producer(DataKind::PrefixMatch)
                 .map(DataKey::<PrefixMatch>::named);
-            h.scorer = Some(Arc::new(TokenLoadScorer::new(DataKey::named(load), prefix, &p)));
+            h.scorer = Some(Arc::new(TokenLoadScorer::new(load, prefix, &p)));
         }
         "lora-affinity-scorer" => {
             no_params(parameters)?;
             h.scorer = Some(Arc::new(LoraAffinityScorer));
         }
         "prefix-cache-scorer" => {
+            let handed = filter_keys(parameters, prefix::PRODUCER_PARAMS, true);
+            params::<prefix::ProducerParams>(&handed)?
+                .validate()
+                .map_err(invalid)?;
             let own = without(parameters, prefix::PRODUCER_PARAMS);
             let p: prefix::ScorerParams = params(&own)?;
             let producer = ctx
@@ -316,7 +334,9 @@ pub fn build(
             h.scorer = Some(Arc::new(scorer));
         }
         "approx-prefix-cache-producer" => {
-            let p = Arc::new(PrefixProducer::new(ctx.name, &params(parameters)?, ctx.metrics));
+            let p: prefix::ProducerParams = params(parameters)?;
+            p.validate().map_err(invalid)?;
+            let p = Arc::new(PrefixProducer::new(ctx.name, &p, ctx.metrics));
             h.producer = Some(p.clone());
             h.pre_request = Some(p.clone());
             h.endpoints_changed = Some(p);
@@ -327,6 +347,9 @@ pub fn build(
                 .producer(DataKind::PrefixMatch)
                 .map(DataKey::<PrefixMatch>::named);
             let p = Arc::new(InFlightProducer::new(ctx.name, prefix, &params(parameters)?).map_err(invalid)?);
+            if p.estimates_output() {
+                h.producer = Some(p.clone());
+            }
             h.store_hook = Some(p.clone());
             h.pre_request = Some(p);
             h.produces = vec![DataKind::InFlightLoad];

@@ -21,6 +21,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use futures_util::Stream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 pub use error::{ErrorAnswer, StreamError};
@@ -42,6 +43,7 @@ const MESSAGE_OVERHEAD: usize = 1 << 20;
 pub struct ExtProcService {
     director: Arc<Director>,
     observer: Arc<dyn RequestObserver>,
+    shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for ExtProcService {
@@ -53,7 +55,18 @@ impl std::fmt::Debug for ExtProcService {
 impl ExtProcService {
     /// A service routing with `director` and reporting to `observer`.
     pub fn new(director: Arc<Director>, observer: Arc<dyn RequestObserver>) -> Self {
-        Self { director, observer }
+        Self {
+            director,
+            observer,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// Ends dispatch waits with [`DispatchError::Shutdown`] (503) once `token` fires, so that a
+    /// request waiting in a dispatcher does not hold the server's drain open.
+    pub fn with_shutdown(mut self, token: CancellationToken) -> Self {
+        self.shutdown = token;
+        self
     }
 
     /// The tonic server for this service, accepting messages as large as the body limit (a
@@ -96,6 +109,8 @@ struct Driver {
     waiting: Option<Wait>,
     /// Messages Envoy sent while the request waited, handled once it goes on.
     deferred: VecDeque<ProcessingRequest>,
+    /// Fires when the EPP stops; a waiting request is then answered 503.
+    shutdown: CancellationToken,
 }
 
 impl Driver {
@@ -129,11 +144,16 @@ impl Driver {
     }
 
     /// Awaits a dispatch wait, keeping what Envoy sends meanwhile. `None` when the gateway
-    /// went away first: the wait is dropped, which withdraws the request.
+    /// went away first: the wait is dropped, which withdraws the request. On shutdown the wait
+    /// is dropped too and the request ends with [`DispatchError::Shutdown`].
     async fn await_dispatch(&mut self, mut wait: Wait) -> Option<Result<(), DispatchError>> {
         loop {
             tokio::select! {
                 outcome = &mut wait => return Some(outcome),
+                () = self.shutdown.cancelled() => {
+                    tracing::debug!("shutting down while the request waited for dispatch");
+                    return Some(Err(DispatchError::Shutdown));
+                }
                 msg = self.inbound.message() => match msg {
                     Ok(Some(msg)) => self.deferred.push_back(msg),
                     Ok(None) | Err(_) => {
@@ -166,6 +186,7 @@ impl ExternalProcessor for ExtProcService {
             done: false,
             waiting: None,
             deferred: VecDeque::new(),
+            shutdown: self.shutdown.clone(),
         };
         let out = futures_util::stream::unfold(driver, |mut d| async move {
             loop {

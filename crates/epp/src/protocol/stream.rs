@@ -523,6 +523,10 @@ impl ExtProcStream {
     }
 
     fn response_body(&mut self, b: HttpBody, out: &mut Vec<ProcessingResponse>) {
+        if self.record.response_bytes == 0 && !b.body.is_empty() {
+            // The first bytes: the server has the prompt and is generating.
+            self.held.response_started();
+        }
         self.record.response_bytes += b.body.len();
         self.usage
             .get_or_insert_with(|| UsageParser::new(false))

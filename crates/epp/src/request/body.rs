@@ -71,6 +71,10 @@ pub struct ParsedBody<'a> {
     pub cache_salt: Option<Cow<'a, str>>,
     /// `stream: true`.
     pub stream: bool,
+    /// The client's cap on generated tokens: `max_completion_tokens`, else `max_tokens` (chat),
+    /// `max_tokens` (completions), `max_output_tokens` (responses); a value that is not a
+    /// whole number ≥ 0 counts as absent (llm-d-router v0.10's openai parser).
+    pub max_output_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -89,6 +93,18 @@ struct Fields<'a> {
     cache_salt: Option<&'a RawValue>,
     #[serde(borrow, default)]
     stream: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_output_tokens: Option<&'a RawValue>,
+}
+
+/// A JSON number that is a whole number ≥ 0 (`16`, `16.0`), else `None`.
+fn whole(raw: Option<&RawValue>) -> Option<u64> {
+    let f: f64 = serde_json::from_str(raw?.get()).ok()?;
+    (f >= 0.0 && f.fract() == 0.0 && f <= u64::MAX as f64).then_some(f as u64)
 }
 
 /// A JSON string value, borrowed when it has no escapes.
@@ -179,6 +195,12 @@ pub fn parse_body<'a>(body: &'a [u8], path: Option<&str>) -> Result<ParsedBody<'
         ApiKind::Conversations => fields.items,
     };
     let prefix_input = prompt_input(prompt_raw, api)?;
+    let max_output_tokens = match api {
+        ApiKind::ChatCompletions => whole(fields.max_completion_tokens).or_else(|| whole(fields.max_tokens)),
+        ApiKind::Completions => whole(fields.max_tokens),
+        ApiKind::Responses => whole(fields.max_output_tokens),
+        ApiKind::Embeddings | ApiKind::Conversations => None,
+    };
 
     Ok(ParsedBody {
         api,
@@ -187,6 +209,7 @@ pub fn parse_body<'a>(body: &'a [u8], path: Option<&str>) -> Result<ParsedBody<'
         prefix_input,
         cache_salt: fields.cache_salt.and_then(json_str),
         stream: fields.stream.is_some_and(|s| s.get() == "true"),
+        max_output_tokens,
     })
 }
 
@@ -221,6 +244,54 @@ mod tests {
         assert!(matches!(p.model, Cow::Borrowed(_)));
         assert!(matches!(p.prefix_input, Cow::Borrowed(b"hello")));
         assert!(p.stream);
+    }
+
+    #[test]
+    fn the_output_cap_follows_the_api() {
+        let cap = |body: &str, path: &str| parse(body, Some(path)).unwrap().max_output_tokens;
+        let chat = "/v1/chat/completions";
+        let msgs = r#""messages":[{"role":"user","content":"x"}]"#;
+        assert_eq!(
+            cap(&format!(r#"{{"model":"m",{msgs},"max_tokens":7}}"#), chat),
+            Some(7)
+        );
+        assert_eq!(
+            cap(
+                &format!(r#"{{"model":"m",{msgs},"max_tokens":7,"max_completion_tokens":9}}"#),
+                chat
+            ),
+            Some(9)
+        );
+        // Malformed values are skipped, not errors.
+        assert_eq!(
+            cap(
+                &format!(r#"{{"model":"m",{msgs},"max_completion_tokens":-1,"max_tokens":3.0}}"#),
+                chat
+            ),
+            Some(3)
+        );
+        assert_eq!(
+            cap(
+                r#"{"model":"m","prompt":"x","max_tokens":"5"}"#,
+                "/v1/completions"
+            ),
+            None
+        );
+        assert_eq!(
+            cap(r#"{"model":"m","prompt":"x","max_tokens":0}"#, "/v1/completions"),
+            Some(0)
+        );
+        assert_eq!(
+            cap(
+                r#"{"model":"m","input":"x","max_output_tokens":12}"#,
+                "/v1/responses"
+            ),
+            Some(12)
+        );
+        assert_eq!(
+            cap(r#"{"model":"m","input":"x","max_tokens":12}"#, "/v1/responses"),
+            None
+        );
     }
 
     #[test]

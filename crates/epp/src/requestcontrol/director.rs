@@ -439,6 +439,7 @@ impl Director {
             cache_salt: parsed.cache_salt.as_deref(),
             headers: &info.headers,
             priority,
+            max_output_tokens: parsed.max_output_tokens,
             now,
         };
         let mut state = CycleState::default();

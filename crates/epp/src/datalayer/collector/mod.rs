@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Duration, Instant, MissedTickBehavior};
@@ -21,9 +22,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Endpoint, EndpointStore, Writes};
-use crate::framework::data::Attributes;
+use crate::framework::data::{Attributes, KeyId};
 use crate::framework::datalayer::{
-    Extractor, PollingSource, Publisher, SubscribingSource, SubscriptionContext,
+    Extractor, PollingSource, Publisher, SubscribingSource, SubscriptionContext, keep_declared,
 };
 use crate::framework::plugin::Named;
 
@@ -131,7 +132,7 @@ pub fn spawn(
             for source in sources.subscribing {
                 let ctx = SubscriptionContext {
                     store: store.clone(),
-                    publisher: publisher.clone(),
+                    publisher: publisher.only(source.plugin.writes(), &source.name),
                     cancel: cancel.clone(),
                 };
                 let cancel = cancel.clone();
@@ -339,6 +340,11 @@ async fn poll_loop(l: PollLoop) {
     let mut immediate = true;
     // What this source's extractors last wrote for the endpoint: they are its only writers.
     let mut last = Attributes::default();
+    let declared: Vec<(Vec<KeyId>, AtomicBool)> = plan
+        .extractors
+        .iter()
+        .map(|x| (x.plugin.writes(), AtomicBool::new(false)))
+        .collect();
     loop {
         if !immediate {
             tokio::select! {
@@ -360,9 +366,12 @@ async fn poll_loop(l: PollLoop) {
                 let now = Instant::now();
                 let mut writes: Writes = Vec::new();
                 let mut errors: Vec<String> = Vec::new();
-                for x in &plan.extractors {
+                for (x, (keys, warned)) in plan.extractors.iter().zip(&declared) {
                     match x.plugin.extract(&endpoint, &*payload, &last, now) {
-                        Ok(w) => writes.extend(w),
+                        Ok(mut w) => {
+                            keep_declared(&mut w, keys, &x.name, warned);
+                            writes.extend(w);
+                        }
                         Err(e) => errors.push(format!("{}: {e}", x.name)),
                     }
                 }

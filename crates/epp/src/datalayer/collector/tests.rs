@@ -264,3 +264,22 @@ async fn a_failed_subscription_stops_the_epp() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_writer_cannot_publish_keys_it_did_not_declare() {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let own = DataKey::<u64>::named("collector-test-own");
+    let other = DataKey::<u64>::named("collector-test-other");
+    let publisher = crate::framework::datalayer::Publisher::new(tx).only(vec![own.id()], "events");
+    let v: Value = Arc::new(1u64);
+    assert!(
+        publisher
+            .publish(
+                Arc::new(ep("10.0.0.1:8000")),
+                vec![(own.id(), v.clone()), (other.id(), v)]
+            )
+            .await
+    );
+    let (_, writes) = rx.recv().await.unwrap();
+    assert_eq!(writes.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [own.id()]);
+}

@@ -9,7 +9,9 @@
 //!   `metricsPort` still wins for its endpoint;
 //! * `insecureSkipVerify` (`--model-server-metrics-https-insecure-skip-verify`, true): for
 //!   `https` (the reference's chart writes it for `http` too, where it has nothing to do);
-//! * `caCertPath`: a PEM bundle the server's certificate must chain to (verification on);
+//! * `caCertPath`: a PEM bundle the server's certificate must chain to (verification on; an
+//!   explicit `insecureSkipVerify: true` beside it is refused. llm-d-router v0.10 ignores the
+//!   bundle unless `insecureSkipVerify: false` is written too);
 //! * `clientCertPath` and `clientKeyPath`: a client certificate for mutual TLS (both or
 //!   neither);
 //! * `interval` (`--refresh-metrics-interval`): time between scrapes of one endpoint.
@@ -101,6 +103,11 @@ pub enum MetricsSourceError {
     /// TLS files set for plain HTTP.
     #[error("{0} is set but scheme is http")]
     TlsOnHttp(&'static str),
+    /// A CA bundle to verify with, and verification turned off.
+    #[error(
+        "caCertPath and insecureSkipVerify: true contradict each other (llm-d-router v0.10 ignores the CA then); keep one"
+    )]
+    CaWithoutVerify,
     /// An interval that does not parse or is zero.
     #[error("interval: {0}")]
     Interval(String),
@@ -170,6 +177,9 @@ impl MetricsSource {
                     return Err(MetricsSourceError::TlsOnHttp(name));
                 }
             }
+        }
+        if params.ca_cert_path.is_some() && params.insecure_skip_verify == Some(true) {
+            return Err(MetricsSourceError::CaWithoutVerify);
         }
         // reqwest is built without a bundled crypto provider; install ring (a no-op if done).
         let _ = rustls::crypto::ring::default_provider().install_default();

@@ -14,7 +14,7 @@
 //! endpoint's reported KV-cache block count), and sets of endpoints that left the pool are
 //! dropped by [`PrefixIndex::retain`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,8 +33,10 @@ type Sets = HashMap<SocketAddr, Arc<RwLock<LruSet>>, BuildHasherDefault<AddrHash
 #[derive(Debug)]
 pub struct PrefixIndex {
     sets: ArcSwap<Sets>,
-    /// Serialises map replacement (new endpoint, retain); never taken by lookups.
-    map_writer: Mutex<()>,
+    /// Serialises map replacement (new endpoint, a new pool) and holds the pool's addresses
+    /// once known, so that a decision recorded after its endpoint left does not bring its set
+    /// back. Never taken by lookups.
+    map_writer: Mutex<Option<HashSet<SocketAddr>>>,
     default_capacity: u32,
 }
 
@@ -43,7 +45,7 @@ impl PrefixIndex {
     pub fn new(default_capacity: u32) -> Self {
         Self {
             sets: ArcSwap::from_pointee(Sets::default()),
-            map_writer: Mutex::new(()),
+            map_writer: Mutex::new(None),
             default_capacity: default_capacity.max(1),
         }
     }
@@ -82,7 +84,9 @@ impl PrefixIndex {
         if hashes.is_empty() {
             return;
         }
-        let set = self.set_for(endpoint, capacity);
+        let Some(set) = self.set_for(endpoint, capacity) else {
+            return;
+        };
         let mut set = set.write();
         // Last block first: the first block ends most recent, so under pressure a prefix is
         // forgotten from its tail, as a model server's KV cache frees blocks.
@@ -91,14 +95,18 @@ impl PrefixIndex {
         }
     }
 
-    fn set_for(&self, endpoint: SocketAddr, capacity: Option<u32>) -> Arc<RwLock<LruSet>> {
+    /// The set of `endpoint`, created on first use; `None` when it is not in the pool.
+    fn set_for(&self, endpoint: SocketAddr, capacity: Option<u32>) -> Option<Arc<RwLock<LruSet>>> {
         if let Some(set) = self.sets.load().get(&endpoint) {
-            return set.clone();
+            return Some(set.clone());
         }
-        let _guard = self.map_writer.lock();
+        let live = self.map_writer.lock();
+        if live.as_ref().is_some_and(|l| !l.contains(&endpoint)) {
+            return None;
+        }
         let current = self.sets.load();
         if let Some(set) = current.get(&endpoint) {
-            return set.clone();
+            return Some(set.clone());
         }
         let set = Arc::new(RwLock::new(LruSet::new(
             capacity.filter(|c| *c > 0).unwrap_or(self.default_capacity),
@@ -106,22 +114,23 @@ impl PrefixIndex {
         let mut next = Sets::clone(&current);
         next.insert(endpoint, set.clone());
         self.sets.store(Arc::new(next));
-        set
+        Some(set)
     }
 
-    /// Drops the sets of endpoints for which `live` is false.
-    pub fn retain(&self, mut live: impl FnMut(SocketAddr) -> bool) {
-        let _guard = self.map_writer.lock();
+    /// The pool is now `live`: drops the sets of endpoints that left, and creates none for an
+    /// address outside it.
+    pub fn set_live(&self, live: HashSet<SocketAddr>) {
+        let mut guard = self.map_writer.lock();
         let current = self.sets.load();
-        if current.keys().all(|a| live(*a)) {
-            return;
+        if !current.keys().all(|a| live.contains(a)) {
+            let next: Sets = current
+                .iter()
+                .filter(|(a, _)| live.contains(*a))
+                .map(|(a, s)| (*a, s.clone()))
+                .collect();
+            self.sets.store(Arc::new(next));
         }
-        let next: Sets = current
-            .iter()
-            .filter(|(a, _)| live(**a))
-            .map(|(a, s)| (*a, s.clone()))
-            .collect();
-        self.sets.store(Arc::new(next));
+        *guard = Some(live);
     }
 
     /// Total hashes held across endpoints.
@@ -227,16 +236,19 @@ mod tests {
     }
 
     #[test]
-    fn retain_forgets_departed_endpoints() {
+    fn a_new_pool_forgets_departed_endpoints() {
         let index = PrefixIndex::new(10);
         let a = addr("10.0.0.1:8000");
         let b = addr("[fd00::1]:8000");
         index.record(a, &[1], None);
         index.record(b, &[1], None);
         assert_eq!(index.endpoints(), 2);
-        index.retain(|x| x == b);
+        index.set_live(HashSet::from([b]));
         assert_eq!(index.endpoints(), 1);
         assert_eq!(index.leading_match(a, &[1]), 0);
         assert_eq!(index.leading_match(b, &[1]), 1);
+        // A decision recorded after its endpoint left does not bring it back.
+        index.record(a, &[2], None);
+        assert_eq!(index.endpoints(), 1);
     }
 }

@@ -62,6 +62,43 @@ pub struct ProducerParams {
     pub lru_capacity_per_server: Option<i64>,
 }
 
+impl ProducerParams {
+    /// Refuses values the reference would refuse or that cannot mean what they say: block
+    /// sizes, the block limit and the capacity must be > 0 when set; the token limit ≥ 0 (0
+    /// means unset, as in both references). A 0 block limit means "unlimited" in
+    /// llm-d-router v0.10 and "the default" in GIE v1.5; this producer keeps a cap (see
+    /// docs/plugins.md), so 0 is refused rather than read either way.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("blockSizeTokens", self.block_size_tokens),
+            ("blockSize", self.block_size),
+            ("hashBlockSize", self.hash_block_size),
+            ("lruCapacityPerServer", self.lru_capacity_per_server),
+            ("maxPrefixBlocksToMatch", self.max_prefix_blocks_to_match),
+        ] {
+            if let Some(v) = v
+                && v <= 0
+            {
+                return Err(format!("{name} must be > 0 (got {v}); omit it for the default"));
+            }
+        }
+        if let Some(v) = self.max_prefix_tokens_to_match
+            && v < 0
+        {
+            return Err(format!("maxPrefixTokensToMatch must be >= 0 (got {v})"));
+        }
+        if let Some(v) = self.lru_capacity_per_server
+            && u32::try_from(v).is_err()
+        {
+            return Err(format!(
+                "lruCapacityPerServer must be at most {} (got {v})",
+                u32::MAX
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The parameter names [`ProducerParams`] reads, so that a `prefix-cache-scorer` written for
 /// GIE v1.0–v1.4 can hand its producer parameters over.
 pub const PRODUCER_PARAMS: &[&str] = &[
@@ -251,7 +288,7 @@ impl PreRequest for PrefixProducer {
 impl EndpointsChanged for PrefixProducer {
     fn endpoints_changed(&self, endpoints: &[EndpointState]) {
         let live: HashSet<SocketAddr> = endpoints.iter().map(|e| e.endpoint.address).collect();
-        self.index.retain(|a| live.contains(&a));
+        self.index.set_live(live);
     }
 }
 

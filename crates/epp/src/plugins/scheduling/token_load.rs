@@ -4,8 +4,9 @@
 //! A candidate's load is the tokens this EPP has routed to it and not yet seen finish (its
 //! `InFlightLoad` attribute, kept by an `inflight-load-producer`) plus what this request
 //! would add there: its prompt tokens less the prefix the candidate already holds (from the
-//! prefix producer's `PrefixMatch`, when there is one), as v0.10 adds the request's uncached
-//! tokens. Score = `1 - min(1, load / queueThresholdTokens)`; an idle candidate scores 1.
+//! prefix producer's `PrefixMatch`, when there is one), plus the output tokens the in-flight
+//! producer estimates for it when it estimates output (`EstimatedOutput`), as v0.10 adds the
+//! request's uncached tokens. Score = `1 - min(1, load / queueThresholdTokens)`; an idle candidate scores 1.
 //!
 //! Unlike the queue scorer it is not normalised over the candidates: two servers at 10 % and
 //! 12 % of the threshold score 0.90 and 0.88, not 1 and 0, so it nudges rather than flips.
@@ -19,7 +20,7 @@
 use serde::Deserialize;
 
 use crate::datalayer::estimate_tokens;
-use crate::framework::attributes::{InFlightLoad, PrefixMatch};
+use crate::framework::attributes::{EstimatedOutput, InFlightLoad, PrefixMatch};
 use crate::framework::data::{CycleState, DataKey};
 use crate::framework::scheduling::{Candidate, SchedulingRequest, Scorer};
 
@@ -41,23 +42,22 @@ pub struct TokenLoadParams {
 pub struct TokenLoadScorer {
     threshold: f64,
     load: DataKey<InFlightLoad>,
+    output: DataKey<EstimatedOutput>,
     prefix: Option<DataKey<PrefixMatch>>,
 }
 
 impl TokenLoadScorer {
-    /// A scorer reading `load`, discounting the request's tokens with `prefix` when given.
-    pub fn new(
-        load: DataKey<InFlightLoad>,
-        prefix: Option<DataKey<PrefixMatch>>,
-        params: &TokenLoadParams,
-    ) -> Self {
+    /// A scorer reading the in-flight producer named `load` (its load attribute and its
+    /// output estimate), discounting the request's tokens with `prefix` when given.
+    pub fn new(load: &str, prefix: Option<DataKey<PrefixMatch>>, params: &TokenLoadParams) -> Self {
         let threshold = params
             .queue_threshold_tokens
             .filter(|t| *t > 0)
             .unwrap_or(DEFAULT_QUEUE_THRESHOLD_TOKENS);
         Self {
             threshold: threshold as f64,
-            load,
+            load: DataKey::named(load),
+            output: DataKey::named(load),
             prefix,
         }
     }
@@ -73,10 +73,11 @@ impl Scorer for TokenLoadScorer {
     ) {
         let prompt = req.prefix_input.len();
         let found = self.prefix.and_then(|k| state.get(k));
+        let output = state.get(self.output).map_or(0, |o| o.tokens);
         for (s, c) in scores.iter_mut().zip(candidates) {
             let in_flight = c.get(self.load).map_or(0, InFlightLoad::tokens);
             let cached = found.map_or(0, |m| m.matched(c.index).saturating_mul(m.block_bytes));
-            let this = estimate_tokens(prompt.saturating_sub(cached));
+            let this = estimate_tokens(prompt.saturating_sub(cached)).saturating_add(output);
             let load = (in_flight.max(0) as f64 + this as f64).min(self.threshold);
             *s = 1.0 - load / self.threshold;
         }
@@ -102,7 +103,7 @@ mod tests {
         let _a = loads[0].counters.start(250);
         let _b = loads[1].counters.start(5_000);
         let scorer = TokenLoadScorer::new(
-            load,
+            "token-load-test",
             None,
             &TokenLoadParams {
                 queue_threshold_tokens: Some(1_000),
@@ -120,7 +121,6 @@ mod tests {
 
     #[test]
     fn the_prefix_a_candidate_holds_is_not_counted() {
-        let load = DataKey::<InFlightLoad>::named("token-load-test-2");
         let prefix = DataKey::<PrefixMatch>::named("token-load-test-prefix");
         let s = states(&[(0, 0.0), (0, 0.0)]);
         let mut state = CycleState::default();
@@ -135,7 +135,7 @@ mod tests {
             },
         );
         let scorer = TokenLoadScorer::new(
-            load,
+            "token-load-test-2",
             Some(prefix),
             &TokenLoadParams {
                 queue_threshold_tokens: Some(100),
@@ -149,12 +149,19 @@ mod tests {
         scorer.score(&req, &state, &candidates(&s), &mut out);
         // 100 tokens on the first; 400 - 320 cached bytes = 20 tokens on the second.
         assert_eq!(out, vec![0.0, 0.8]);
+        // The producer's output estimate counts on every candidate.
+        state.put(
+            DataKey::<EstimatedOutput>::named("token-load-test-2"),
+            EstimatedOutput { tokens: 10 },
+        );
+        scorer.score(&req, &state, &candidates(&s), &mut out);
+        assert_eq!(out, vec![0.0, 0.7]);
     }
 
     #[test]
     fn a_threshold_of_zero_is_the_default() {
         let p: TokenLoadParams = serde_yaml::from_str("queueThresholdTokens: 0").unwrap();
-        let s = TokenLoadScorer::new(DataKey::named("x"), None, &p);
+        let s = TokenLoadScorer::new("x", None, &p);
         assert_eq!(s.threshold, DEFAULT_QUEUE_THRESHOLD_TOKENS as f64);
         assert!(serde_yaml::from_str::<TokenLoadParams>("threshold: 5").is_err());
     }
