@@ -9,6 +9,7 @@
 //! error names the origin (file path or `--config-text`) and the field, profile or plugin at
 //! fault, so the EPP can refuse to start with a message an operator can act on.
 
+mod binding;
 mod build;
 pub mod cli;
 mod datalayer;

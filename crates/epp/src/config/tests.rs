@@ -570,6 +570,35 @@ fn settings_that_would_not_act_are_refused() {
         "plugins:\n- type: prefix-cache-scorer\n- type: approx-prefix-cache-producer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: prefix-cache-scorer\n  - pluginRef: approx-prefix-cache-producer\n",
         "'approx-prefix-cache-producer' is not a filter, scorer or picker",
     );
+    // Settings another setting overrides or leaves unused.
+    for (plugins, want) in [
+        (
+            "- type: approx-prefix-cache-producer\n  parameters: {blockSizeTokens: 64, blockSize: 128}\n- type: prefix-cache-scorer\n",
+            "blockSizeTokens and blockSize each set the block size",
+        ),
+        (
+            "- type: approx-prefix-cache-producer\n  parameters: {maxPrefixTokensToMatch: 1000, maxPrefixBlocksToMatch: 7}\n- type: prefix-cache-scorer\n",
+            "maxPrefixTokensToMatch > 0 wins over maxPrefixBlocksToMatch",
+        ),
+        (
+            "- type: inflight-load-producer\n  parameters: {maxEstimatedOutputTokens: 10}\n- type: token-load-scorer\n",
+            "maxEstimatedOutputTokens only acts with addEstimatedOutputTokens: true",
+        ),
+        (
+            "- type: prefix-cache-scorer\n  parameters: {matchLengthScaleTokens: 100}\n",
+            "matchLengthScaleTokens only acts with matchLengthWeight > 0",
+        ),
+    ] {
+        refused(&format!("plugins:\n{plugins}"), want);
+    }
+    refused(
+        "plugins:\n- type: queue-scorer\n- name: od\n  type: openai-parser\nrequestHandler:\n  parsers: [{pluginRef: od}, {pluginRef: openai-parser}]\n",
+        "2 parsers are listed",
+    );
+    refused(
+        "plugins:\n- type: queue-scorer\nrequestHandler:\n  parsers: [{pluginRef: token-load-scorer}]\n",
+        "'token-load-scorer' is a reference to an undefined plugin",
+    );
     // A CA bundle with verification turned off.
     refused(
         "plugins:\n- type: queue-scorer\n- type: metrics-data-source\n  parameters: {scheme: https, caCertPath: /ca.pem, insecureSkipVerify: true}\n",

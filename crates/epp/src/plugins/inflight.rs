@@ -66,6 +66,9 @@ pub enum InFlightParamError {
     /// Negative cap.
     #[error("maxEstimatedOutputTokens must be ≥ 0, got {0}")]
     Cap(i64),
+    /// Output settings without output estimation.
+    #[error("{0} only acts with addEstimatedOutputTokens: true")]
+    WithoutEstimation(&'static str),
 }
 
 /// See the module docs.
@@ -84,6 +87,19 @@ impl InFlightProducer {
         prefix: Option<DataKey<PrefixMatch>>,
         params: &InFlightParams,
     ) -> Result<Self, InFlightParamError> {
+        if !params.add_estimated_output_tokens.unwrap_or(false) {
+            for (set, name) in [
+                (params.output_ratio.is_some(), "outputRatio"),
+                (
+                    params.max_estimated_output_tokens.is_some(),
+                    "maxEstimatedOutputTokens",
+                ),
+            ] {
+                if set {
+                    return Err(InFlightParamError::WithoutEstimation(name));
+                }
+            }
+        }
         let ratio = params.output_ratio.unwrap_or(1.5);
         if !(ratio.is_finite() && ratio >= 0.0) {
             return Err(InFlightParamError::Ratio(ratio));
@@ -392,11 +408,18 @@ mod tests {
         // 100 prompt tokens + min(50, 100) output tokens.
         assert_eq!(snap.endpoints()[0].get(p.key()).unwrap().tokens(), 150);
         let bad = |ratio: f64, cap: i64| InFlightParams {
+            add_estimated_output_tokens: Some(true),
             output_ratio: Some(ratio),
             max_estimated_output_tokens: Some(cap),
             ..InFlightParams::default()
         };
         assert!(InFlightProducer::new("x", None, &bad(-1.0, 1)).is_err());
         assert!(InFlightProducer::new("x", None, &bad(1.0, -1)).is_err());
+        let idle = InFlightParams {
+            output_ratio: Some(2.0),
+            ..InFlightParams::default()
+        };
+        let e = InFlightProducer::new("x", None, &idle).unwrap_err().to_string();
+        assert_eq!(e, "outputRatio only acts with addEstimatedOutputTokens: true");
     }
 }

@@ -33,11 +33,20 @@ type Sets = HashMap<SocketAddr, Arc<RwLock<LruSet>>, BuildHasherDefault<AddrHash
 #[derive(Debug)]
 pub struct PrefixIndex {
     sets: ArcSwap<Sets>,
-    /// Serialises map replacement (new endpoint, a new pool) and holds the pool's addresses
-    /// once known, so that a decision recorded after its endpoint left does not bring its set
-    /// back. Never taken by lookups.
-    map_writer: Mutex<Option<HashSet<SocketAddr>>>,
+    /// Serialises map replacement (new endpoint, a new pool) and holds the addresses that left
+    /// the pool at its last change, so that a decision recorded after its endpoint left does
+    /// not bring its set back. (A newly joined endpoint gets its set on first use: the pool
+    /// change reaches the index after the scheduler may already route there.) Never taken by
+    /// lookups.
+    map_writer: Mutex<Departed>,
     default_capacity: u32,
+}
+
+/// The pool as the index last heard of it, and who left it then.
+#[derive(Debug, Default)]
+struct Departed {
+    live: HashSet<SocketAddr>,
+    left: HashSet<SocketAddr>,
 }
 
 impl PrefixIndex {
@@ -45,7 +54,7 @@ impl PrefixIndex {
     pub fn new(default_capacity: u32) -> Self {
         Self {
             sets: ArcSwap::from_pointee(Sets::default()),
-            map_writer: Mutex::new(None),
+            map_writer: Mutex::new(Departed::default()),
             default_capacity: default_capacity.max(1),
         }
     }
@@ -100,8 +109,8 @@ impl PrefixIndex {
         if let Some(set) = self.sets.load().get(&endpoint) {
             return Some(set.clone());
         }
-        let live = self.map_writer.lock();
-        if live.as_ref().is_some_and(|l| !l.contains(&endpoint)) {
+        let departed = self.map_writer.lock();
+        if departed.left.contains(&endpoint) {
             return None;
         }
         let current = self.sets.load();
@@ -117,11 +126,18 @@ impl PrefixIndex {
         Some(set)
     }
 
-    /// The pool is now `live`: drops the sets of endpoints that left, and creates none for an
-    /// address outside it.
+    /// The pool is now `live`: drops the sets of endpoints that left, and creates none for
+    /// them until the pool changes again.
     pub fn set_live(&self, live: HashSet<SocketAddr>) {
-        let mut guard = self.map_writer.lock();
+        let mut departed = self.map_writer.lock();
         let current = self.sets.load();
+        let left: HashSet<SocketAddr> = departed
+            .live
+            .iter()
+            .chain(current.keys())
+            .filter(|a| !live.contains(*a))
+            .copied()
+            .collect();
         if !current.keys().all(|a| live.contains(a)) {
             let next: Sets = current
                 .iter()
@@ -130,7 +146,7 @@ impl PrefixIndex {
                 .collect();
             self.sets.store(Arc::new(next));
         }
-        *guard = Some(live);
+        *departed = Departed { live, left };
     }
 
     /// Total hashes held across endpoints.
@@ -247,8 +263,16 @@ mod tests {
         assert_eq!(index.endpoints(), 1);
         assert_eq!(index.leading_match(a, &[1]), 0);
         assert_eq!(index.leading_match(b, &[1]), 1);
-        // A decision recorded after its endpoint left does not bring it back.
+        // A decision recorded after its endpoint left does not bring it back...
         index.record(a, &[2], None);
         assert_eq!(index.endpoints(), 1);
+        // ...but one to an endpoint that joined before the index heard of it is kept.
+        let c = addr("10.0.0.3:8000");
+        index.record(c, &[3], None);
+        assert_eq!(index.leading_match(c, &[3]), 1);
+        // Once `a` rejoins, it gets a set again.
+        index.set_live(HashSet::from([a, b, c]));
+        index.record(a, &[4], None);
+        assert_eq!(index.leading_match(a, &[4]), 1);
     }
 }

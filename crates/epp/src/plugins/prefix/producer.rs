@@ -87,6 +87,27 @@ impl ProducerParams {
         {
             return Err(format!("maxPrefixTokensToMatch must be >= 0 (got {v})"));
         }
+        let sizes: Vec<&str> = [
+            (self.block_size_tokens.is_some(), "blockSizeTokens"),
+            (self.block_size.is_some(), "blockSize"),
+            (self.hash_block_size.is_some(), "hashBlockSize"),
+        ]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect();
+        if sizes.len() > 1 {
+            return Err(format!(
+                "{} each set the block size; keep one",
+                sizes.join(" and ")
+            ));
+        }
+        if self.max_prefix_tokens_to_match.is_some_and(|t| t > 0) && self.max_prefix_blocks_to_match.is_some()
+        {
+            return Err(
+                "maxPrefixTokensToMatch > 0 wins over maxPrefixBlocksToMatch; remove one (or set maxPrefixTokensToMatch: 0)"
+                    .into(),
+            );
+        }
         if let Some(v) = self.lru_capacity_per_server
             && u32::try_from(v).is_err()
         {

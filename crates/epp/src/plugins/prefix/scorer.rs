@@ -46,6 +46,9 @@ pub enum ScorerParamError {
         "matchLengthScaleTokens must be greater than 0 when matchLengthWeight is greater than 0, got {0}"
     )]
     Scale(i64),
+    /// A scale written without the weight that uses it.
+    #[error("matchLengthScaleTokens only acts with matchLengthWeight > 0")]
+    ScaleWithoutWeight,
 }
 
 /// See the module docs.
@@ -62,6 +65,9 @@ impl PrefixCacheScorer {
         let length_weight = params.match_length_weight.unwrap_or(0.0);
         if !(0.0..=1.0).contains(&length_weight) {
             return Err(ScorerParamError::Weight(length_weight));
+        }
+        if length_weight == 0.0 && params.match_length_scale_tokens.is_some() {
+            return Err(ScorerParamError::ScaleWithoutWeight);
         }
         let scale = params.match_length_scale_tokens.unwrap_or(8_192);
         if length_weight > 0.0 && scale <= 0 {
@@ -169,6 +175,10 @@ mod tests {
             PrefixCacheScorer::new(key, &p(0.5, 0)).unwrap_err(),
             ScorerParamError::Scale(0)
         );
-        assert!(PrefixCacheScorer::new(key, &p(0.0, 0)).is_ok());
+        assert_eq!(
+            PrefixCacheScorer::new(key, &p(0.0, 100)).unwrap_err(),
+            ScorerParamError::ScaleWithoutWeight
+        );
+        assert!(PrefixCacheScorer::new(key, &ScorerParams::default()).is_ok());
     }
 }
