@@ -222,6 +222,7 @@ pub async fn start_config(config: EppConfig, hooks: Hooks) -> Result<Running, Ap
         &namespace,
         gauge_staleness,
         plugins.metrics.clone(),
+        cli.max_model_label_values,
     ));
     let scheduler = Arc::new(plugins.scheduler.with_observer(metrics.clone()));
     let mut director = Director::new(

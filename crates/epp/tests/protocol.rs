@@ -222,7 +222,8 @@ async fn subset_hint_all_some_none() {
     };
     // No hint: the best endpoint overall.
     assert_eq!(destination(&run(None).await), "10.0.0.1:8000");
-    // Some: only the hinted IPs (ports ignored, IPv6 accepted).
+    // Some: only the hinted endpoints (an entry with a port names that port only; IPv6
+    // accepted).
     let r = run(Some(subset(&["10.0.0.2:9999", "[fd00::3]:8000"]))).await;
     assert_eq!(destination(&r), "[fd00::3]:8000");
     // None match, or an empty list: 503.

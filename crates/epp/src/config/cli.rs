@@ -228,6 +228,14 @@ pub struct Cli {
     /// Request bodies larger than this get 413.
     #[arg(long, default_value_t = crate::requestcontrol::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    /// Request-body bytes buffered across all streams at once; a stream that would exceed it
+    /// is answered 503 while admitted ones go on. At least `--max-body-bytes`.
+    #[arg(long, default_value_t = crate::protocol::budget::DEFAULT_BODY_BUDGET_BYTES)]
+    pub max_buffered_body_bytes: usize,
+    /// At most this many distinct model names (body `model` and rewrite targets) get their own
+    /// metric series; later ones are reported as `other`.
+    #[arg(long, default_value_t = 100)]
+    pub max_model_label_values: usize,
     /// At most this many endpoints in `x-gateway-destination-endpoint` (1 for ORIGINAL_DST
     /// clusters, which reject lists).
     #[arg(long)]
@@ -334,6 +342,12 @@ impl Cli {
         }
         if self.refresh_metrics_interval.is_zero() {
             return Err(CliError("--refresh-metrics-interval must be positive".into()));
+        }
+        if self.max_buffered_body_bytes < self.max_body_bytes {
+            return Err(CliError(format!(
+                "--max-buffered-body-bytes ({}) is smaller than --max-body-bytes ({}): no body of the largest allowed size could ever be buffered",
+                self.max_buffered_body_bytes, self.max_body_bytes
+            )));
         }
         if self.destination_limit == Some(0) {
             return Err(CliError("--destination-limit must be at least 1".into()));

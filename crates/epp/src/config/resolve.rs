@@ -248,6 +248,7 @@ impl EppConfig {
         let namespace = namespace(&cli, env);
         let director = DirectorConfig {
             max_body_bytes: cli.max_body_bytes,
+            body_budget_bytes: cli.max_buffered_body_bytes,
             max_destinations: cli.destination_limit,
             ignore_subset_hint: cli.disable_endpoint_subset_filter,
             staleness: Some(cli.metrics_staleness_threshold),

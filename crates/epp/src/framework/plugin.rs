@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 
 use super::datalayer::{Extractor, PollingSource, SubscribingSource};
@@ -201,7 +203,13 @@ pub struct PluginFamilies {
     pub histograms: BTreeMap<String, (String, Histogram)>,
     /// Gauges computed at scrape time: help and every instance's reader (summed).
     pub gauges: BTreeMap<String, (String, Vec<GaugeFn>)>,
+    /// Labelled counters by name: help and the shared family. Label values must come from a
+    /// bounded set (configuration, fixed reasons), never from a client or a model server.
+    pub counters: BTreeMap<String, (String, CounterFamily)>,
 }
+
+/// A counter family with free-form label pairs.
+pub type CounterFamily = Family<Vec<(&'static str, String)>, Counter>;
 
 /// Reads a gauge's current value.
 pub type GaugeFn = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -238,6 +246,17 @@ impl PluginMetrics {
             .or_insert_with(|| (help.to_owned(), Vec::new()))
             .1
             .push(read);
+    }
+
+    /// The counter family `name` (created on first use).
+    pub fn counter(&self, name: &str, help: &str) -> CounterFamily {
+        let mut inner = self.inner.lock();
+        inner
+            .counters
+            .entry(name.to_owned())
+            .or_insert_with(|| (help.to_owned(), CounterFamily::default()))
+            .1
+            .clone()
     }
 
     /// Runs `f` on the registered families.

@@ -7,10 +7,17 @@
 //! families plugins register for themselves (prefix-index hits, say) through
 //! [`PluginMetrics`], and the pool gauges are computed from the current snapshot when
 //! `/metrics` is scraped.
+//!
+//! Label values a client chooses (the body's `model`, the rewrite header) are bounded by
+//! [`BoundedLabel`]; series keyed by an endpoint (the pick counter) are removed at the first
+//! scrape after the endpoint left the pool.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -18,6 +25,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use super::labels::{BoundedLabel, OVERFLOW};
 use super::pool::PoolCollector;
 use crate::datalayer::EndpointStore;
 use crate::framework::plugin::{PluginMetrics, PluginObserver, Timer};
@@ -138,6 +146,11 @@ pub struct EppMetrics {
     scheduler_e2e: Histogram,
     plugin_duration: HistogramFamily<PluginLabels>,
     attempts: Family<AttemptLabels, Counter>,
+    /// The pick counter's series, to remove those of endpoints that left.
+    attempt_series: ArcSwap<HashSet<AttemptLabels>>,
+    attempt_insert: Mutex<()>,
+    models: BoundedLabel,
+    store: Arc<EndpointStore>,
 }
 
 impl std::fmt::Debug for EppMetrics {
@@ -148,13 +161,15 @@ impl std::fmt::Debug for EppMetrics {
 
 impl EppMetrics {
     /// Registers every family. `pool` labels the pool gauges; `namespace` the pick counter;
-    /// `plugins` holds the families plugins registered.
+    /// `plugins` holds the families plugins registered; at most `max_model_values` distinct
+    /// model names get their own series (see [`BoundedLabel`]).
     pub fn new(
         store: Arc<EndpointStore>,
         pool: &str,
         namespace: &str,
         staleness: Duration,
         plugins: PluginMetrics,
+        max_model_values: usize,
     ) -> Self {
         let mut registry = Registry::default();
         let request_total = Family::<ModelLabels, Counter>::default();
@@ -172,6 +187,11 @@ impl EppMetrics {
         let plugin_duration = HistogramFamily::new_with_constructor(scheduler_histogram as fn() -> Histogram);
         let attempts = Family::<AttemptLabels, Counter>::default();
         let info = Family::<InfoLabels, Gauge>::default();
+        let overflow = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        let models = BoundedLabel::new(
+            max_model_values,
+            overflow.get_or_create(&vec![("label", "model_name")]).clone(),
+        );
         info.get_or_create(&InfoLabels {
             commit: option_env!("EPP_COMMIT").unwrap_or("unknown").to_owned(),
             build_ref: env!("CARGO_PKG_VERSION").to_owned(),
@@ -239,6 +259,9 @@ impl EppMetrics {
             for (name, (help, histogram)) in &families.histograms {
                 registry.register(name, help.clone(), histogram.clone());
             }
+            for (name, (help, counter)) in &families.counters {
+                registry.register(name, help.clone(), counter.clone());
+            }
         });
         registry.register(
             "inference_extension_scheduler_attempts",
@@ -250,7 +273,17 @@ impl EppMetrics {
             format!("{a}General information of the current build"),
             info,
         );
-        registry.register_collector(Box::new(PoolCollector::new(store, pool, staleness, plugins)));
+        registry.register(
+            "inference_extension_metric_label_overflow",
+            format!("{a}Requests whose client-chosen label value was reported as 'other' because the cap of distinct values (--max-model-label-values) was reached"),
+            overflow,
+        );
+        registry.register_collector(Box::new(PoolCollector::new(
+            store.clone(),
+            pool,
+            staleness,
+            plugins,
+        )));
 
         Self {
             registry,
@@ -266,55 +299,107 @@ impl EppMetrics {
             scheduler_e2e,
             plugin_duration,
             attempts,
+            attempt_series: ArcSwap::from_pointee(HashSet::new()),
+            attempt_insert: Mutex::new(()),
+            models,
+            store,
         }
     }
 
-    /// The exposition text (OpenMetrics).
+    /// The exposition text (OpenMetrics). Pick-counter series of endpoints no longer in the
+    /// pool are removed first.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        self.prune_departed();
         let mut out = String::with_capacity(16 << 10);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
     }
 }
 
-fn model_labels(r: &RequestRecord) -> ModelLabels {
-    ModelLabels {
-        model_name: r.model.clone(),
-        target_model_name: r.target_model.clone(),
+impl EppMetrics {
+    fn model_labels(&self, r: &RequestRecord) -> ModelLabels {
+        ModelLabels {
+            model_name: self.models.value(&r.model),
+            target_model_name: self.models.value(&r.target_model),
+        }
+    }
+
+    fn count_overflow(&self, labels: &ModelLabels) {
+        if labels.model_name == OVERFLOW || labels.target_model_name == OVERFLOW {
+            self.models.count_overflow();
+        }
+    }
+
+    fn count_pick(&self, labels: AttemptLabels) {
+        self.attempts.get_or_create(&labels).inc();
+        if !self.attempt_series.load().contains(&labels) {
+            let _inserting = self.attempt_insert.lock();
+            let mut next = HashSet::clone(&self.attempt_series.load());
+            next.insert(labels);
+            self.attempt_series.store(Arc::new(next));
+        }
+    }
+
+    /// Removes pick-counter series whose endpoint (name and port) left the pool.
+    fn prune_departed(&self) {
+        let snapshot = self.store.load();
+        let live: HashSet<(&str, String)> = snapshot
+            .endpoints()
+            .iter()
+            .map(|e| (&*e.endpoint.name, e.endpoint.address.port().to_string()))
+            .collect();
+        let series = self.attempt_series.load();
+        let departed = |l: &AttemptLabels| {
+            l.status == "success" && !live.contains(&(l.pod_name.as_str(), l.port.clone()))
+        };
+        if !series.iter().any(departed) {
+            return;
+        }
+        let _inserting = self.attempt_insert.lock();
+        let current = self.attempt_series.load();
+        let mut next = HashSet::with_capacity(current.len());
+        for l in current.iter() {
+            if departed(l) {
+                self.attempts.remove(l);
+            } else {
+                next.insert(l.clone());
+            }
+        }
+        self.attempt_series.store(Arc::new(next));
     }
 }
 
 impl RequestObserver for EppMetrics {
     fn routed(&self, r: &RequestRecord) {
-        let labels = model_labels(r);
+        let labels = self.model_labels(r);
+        self.count_overflow(&labels);
         self.request_total.get_or_create(&labels).inc();
         self.request_sizes
             .get_or_create(&labels)
             .observe(r.request_bytes as f64);
         self.running_requests
             .get_or_create(&RunningLabels {
-                model_name: r.model.clone(),
+                model_name: labels.model_name.clone(),
             })
             .inc();
         if let Some(ep) = &r.primary {
-            self.attempts
-                .get_or_create(&AttemptLabels {
-                    status: "success".into(),
-                    target_model_name: r.target_model.clone(),
-                    pod_name: ep.name.to_string(),
-                    namespace: self.namespace.clone(),
-                    port: ep.address.port().to_string(),
-                })
-                .inc();
+            self.count_pick(AttemptLabels {
+                status: "success".into(),
+                target_model_name: labels.target_model_name.clone(),
+                pod_name: ep.name.to_string(),
+                namespace: self.namespace.clone(),
+                port: ep.address.port().to_string(),
+            });
         }
     }
 
     fn finished(&self, r: &RequestRecord) {
-        let labels = model_labels(r);
+        // Admitted values stay admitted, so a request reports the label it was routed with.
+        let labels = self.model_labels(r);
         if r.destinations.is_some() {
             self.running_requests
                 .get_or_create(&RunningLabels {
-                    model_name: r.model.clone(),
+                    model_name: labels.model_name.clone(),
                 })
                 .dec();
             if r.response_complete {
@@ -337,8 +422,8 @@ impl RequestObserver for EppMetrics {
         if let Some((status, code)) = r.error {
             self.request_error_total
                 .get_or_create(&ErrorLabels {
-                    model_name: r.model.clone(),
-                    target_model_name: r.target_model.clone(),
+                    model_name: labels.model_name.clone(),
+                    target_model_name: labels.target_model_name.clone(),
                     error_code: code.to_owned(),
                 })
                 .inc();
@@ -346,7 +431,7 @@ impl RequestObserver for EppMetrics {
                 self.attempts
                     .get_or_create(&AttemptLabels {
                         status: "failure".into(),
-                        target_model_name: r.target_model.clone(),
+                        target_model_name: labels.target_model_name.clone(),
                         pod_name: String::new(),
                         namespace: self.namespace.clone(),
                         port: String::new(),

@@ -395,8 +395,8 @@ pub fn build(
             h.polling_source = Some(Arc::new(s));
         }
         "core-metrics-extractor" => {
-            let x =
-                CoreMetricsExtractor::new(&ctx.defaults.extractor, &params(parameters)?).map_err(invalid)?;
+            let x = CoreMetricsExtractor::new(&ctx.defaults.extractor, &params(parameters)?, ctx.metrics)
+                .map_err(invalid)?;
             h.extractor = Some(Arc::new(x));
         }
         "openai-parser" => {

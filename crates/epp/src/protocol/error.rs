@@ -18,6 +18,14 @@ pub enum StreamError {
     /// A message arrived out of protocol order.
     #[error("unexpected {0}")]
     OutOfOrder(&'static str),
+    /// The bodies buffered across all streams would exceed `--max-buffered-body-bytes`.
+    #[error(
+        "request bodies buffered by the endpoint picker would exceed its budget of {limit} bytes (--max-buffered-body-bytes); retry later"
+    )]
+    BodyBudget {
+        /// The budget in bytes.
+        limit: usize,
+    },
 }
 
 /// What the EPP answers for an error.
@@ -67,6 +75,7 @@ impl StreamError {
                 }
             },
             Self::UnsupportedBodyMode(_) => immediate(500, "Internal", self),
+            Self::BodyBudget { .. } => immediate(503, "ServiceUnavailable", self),
             Self::OutOfOrder(_) => ErrorAnswer::Abort(tonic::Status::failed_precondition(self.to_string())),
         }
     }

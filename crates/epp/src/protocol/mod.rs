@@ -5,6 +5,7 @@
 //! away, or the server shuts down) the state is dropped and the request is reported. An
 //! RST_STREAM from Envoy after the response is the normal end of a stream, not an error.
 
+pub mod budget;
 mod error;
 mod observer;
 mod stream;
@@ -29,6 +30,7 @@ pub use observer::{NoopObserver, RequestObserver, RequestRecord};
 pub use stream::{ExtProcStream, Step};
 pub use usage::{Usage, UsageParser, usage_of};
 
+use self::budget::BodyBudget;
 use crate::framework::requestcontrol::{DispatchError, Wait};
 use crate::requestcontrol::Director;
 
@@ -44,6 +46,7 @@ pub struct ExtProcService {
     director: Arc<Director>,
     observer: Arc<dyn RequestObserver>,
     shutdown: CancellationToken,
+    budget: Arc<BodyBudget>,
 }
 
 impl std::fmt::Debug for ExtProcService {
@@ -53,13 +56,21 @@ impl std::fmt::Debug for ExtProcService {
 }
 
 impl ExtProcService {
-    /// A service routing with `director` and reporting to `observer`.
+    /// A service routing with `director` and reporting to `observer`, buffering bodies
+    /// within the director's `body_budget_bytes` ([`budget`]).
     pub fn new(director: Arc<Director>, observer: Arc<dyn RequestObserver>) -> Self {
+        let budget = BodyBudget::new(director.config().body_budget_bytes);
         Self {
             director,
             observer,
             shutdown: CancellationToken::new(),
+            budget,
         }
+    }
+
+    /// The body budget shared by this service's streams.
+    pub fn budget(&self) -> &Arc<BodyBudget> {
+        &self.budget
     }
 
     /// Ends dispatch waits with [`DispatchError::Shutdown`] (503) once `token` fires, so that a
@@ -179,7 +190,7 @@ impl ExternalProcessor for ExtProcService {
     ) -> Result<Response<Self::ProcessStream>, Status> {
         let driver = Driver {
             inbound: request.into_inner(),
-            stream: ExtProcStream::new(self.director.clone(), self.observer.clone()),
+            stream: ExtProcStream::new(self.director.clone(), self.observer.clone(), self.budget.clone()),
             queue: VecDeque::new(),
             batch: Vec::new(),
             end: None,

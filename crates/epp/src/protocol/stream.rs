@@ -26,13 +26,14 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use envoy_types::pb::google::protobuf::{Struct, value::Kind};
 
+use super::budget::{BodyBudget, Lease};
 use super::error::{ErrorAnswer, StreamError};
 use super::observer::{RequestObserver, RequestRecord};
 use super::usage::UsageParser;
 use super::wire;
 use crate::framework::requestcontrol::{DispatchError, HeldSet, Wait};
 use crate::request::{RequestError, RequestHeaders, keys};
-use crate::requestcontrol::{Decision, Director, DirectorError, RequestInfo, Routing, Subset};
+use crate::requestcontrol::{Decision, Director, DirectorError, RequestInfo, Routing, Subset, SubsetEntry};
 
 /// Whether the stream goes on after a message.
 pub enum Step {
@@ -102,11 +103,13 @@ pub struct ExtProcStream {
     pending: Option<Pending>,
     /// The wait the director handed out, until the driver takes it.
     waiting: Option<Wait>,
+    /// This stream's share of the body budget, held while the body is buffered.
+    lease: Lease,
 }
 
 impl ExtProcStream {
-    /// A new stream.
-    pub fn new(director: Arc<Director>, observer: Arc<dyn RequestObserver>) -> Self {
+    /// A new stream, buffering its body within `budget`.
+    pub fn new(director: Arc<Director>, observer: Arc<dyn RequestObserver>, budget: Arc<BodyBudget>) -> Self {
         Self {
             director,
             observer,
@@ -130,6 +133,7 @@ impl ExtProcStream {
             held: HeldSet::default(),
             pending: None,
             waiting: None,
+            lease: Lease::new(budget),
         }
     }
 
@@ -239,6 +243,19 @@ impl ExtProcStream {
             self.routed(&mut decision);
             return Ok(Step::Continue);
         }
+        // A declared length is reserved whole, so that an admitted body is never cut off.
+        let declared = self
+            .info
+            .as_ref()
+            .and_then(|i| i.headers.get_ignore_case("content-length"))
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        if let Some(len) = declared {
+            let limit = self.director.config().max_body_bytes;
+            if len > limit {
+                return Err(DirectorError::Request(RequestError::BodyTooLarge { limit }).into());
+            }
+            self.reserve(len)?;
+        }
         match self.request_mode {
             BodySendMode::FullDuplexStreamed => self.phase = Phase::CollectingBody,
             BodySendMode::Buffered | BodySendMode::BufferedPartial => {
@@ -252,12 +269,23 @@ impl ExtProcStream {
         Ok(Step::Continue)
     }
 
+    fn reserve(&mut self, bytes: usize) -> Result<(), StreamError> {
+        if self.lease.cover(bytes) {
+            Ok(())
+        } else {
+            Err(StreamError::BodyBudget {
+                limit: self.lease.budget_limit(),
+            })
+        }
+    }
+
     fn append(&mut self, body: Vec<u8>) -> Result<(), StreamError> {
         self.body_len += body.len();
         let limit = self.director.config().max_body_bytes;
         if self.body_len > limit {
             return Err(DirectorError::Request(RequestError::BodyTooLarge { limit }).into());
         }
+        self.reserve(self.body_len)?;
         if !body.is_empty() {
             self.chunks.push(body);
         }
@@ -269,6 +297,9 @@ impl ExtProcStream {
             Phase::CollectingBody => {
                 self.append(b.body)?;
                 if b.end_of_stream {
+                    if self.body_len == 0 {
+                        return self.route_empty(false, out);
+                    }
                     return self.route_full_duplex(false, out);
                 }
                 Ok(Step::Continue)
@@ -276,6 +307,9 @@ impl ExtProcStream {
             Phase::AwaitingBufferedBody => {
                 // The whole (or, in BUFFERED_PARTIAL, the available) body is in this message.
                 self.append(b.body)?;
+                if self.body_len == 0 {
+                    return self.route_empty(false, out);
+                }
                 let mut chunks = std::mem::take(&mut self.chunks);
                 let body = if chunks.len() == 1 {
                     chunks.pop().unwrap_or_default()
@@ -308,20 +342,51 @@ impl ExtProcStream {
 
     fn request_trailers(&mut self, out: &mut Vec<ProcessingResponse>) -> Result<Step, StreamError> {
         match self.phase {
+            Phase::CollectingBody if self.body_len == 0 => {
+                self.route_empty(true, out)?;
+            }
             Phase::CollectingBody => {
                 if let step @ Step::Wait(_) = self.route_full_duplex(true, out)? {
                     return Ok(step);
                 }
             }
             Phase::AwaitingBufferedBody => {
-                // Trailers without a body message: route on an empty body (it will be a 400).
-                if let step @ Step::Wait(_) = self.request_body(HttpBody::default(), out)? {
-                    return Ok(step);
-                }
+                // Trailers without a body message: an empty body, routed as no body; the
+                // trailers answer carries the routing.
+                return self.route_empty(true, out);
             }
             Phase::Start | Phase::Routed => {}
         }
         out.push(wire::trailers(true));
+        Ok(Step::Continue)
+    }
+
+    /// An empty body is no body (a proxy that always sends a body message, a `GET /v1/models`):
+    /// routed like a header-only request, to a random allowed endpoint. The answer keeps the
+    /// stream's shape: full duplex answers the headers and passes the (empty) body on, ending it
+    /// unless trailers follow; buffered answers the body message, or, after trailers without a
+    /// body message, the headers were answered already and only the trailers remain.
+    fn route_empty(
+        &mut self,
+        trailers: bool,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<Step, StreamError> {
+        let mut decision = self.director.route_without_body(&self.subset)?;
+        let (common, md) = self.routing(&decision, None);
+        match self.phase {
+            Phase::CollectingBody => {
+                out.push(wire::request_headers(common, Some(md)));
+                wire::push_body_chunks(Vec::new(), !trailers, out);
+            }
+            // The headers were answered; the destination travels as metadata on the trailers
+            // answer (Envoy applies dynamic metadata from any answer before load balancing).
+            _ if trailers => out.push(ProcessingResponse {
+                dynamic_metadata: Some(md),
+                ..wire::trailers(true)
+            }),
+            _ => out.push(wire::request_body(common, Some(md))),
+        }
+        self.routed(&mut decision);
         Ok(Step::Continue)
     }
 
@@ -493,6 +558,8 @@ impl ExtProcStream {
 
     fn routed(&mut self, decision: &mut Decision) {
         self.phase = Phase::Routed;
+        // The body is handed to the gateway: its bytes leave this stream's share.
+        self.lease.release();
         self.held = std::mem::take(&mut decision.held);
         self.record.destinations = Some(decision.destinations.clone());
         self.record.primary = Some(decision.primary.clone());
@@ -603,20 +670,11 @@ fn subset_from(ns: Option<&Struct>) -> Subset {
         .values
         .iter()
         .filter_map(|v| match &v.kind {
-            Some(Kind::StringValue(s)) => parse_ip(s),
+            Some(Kind::StringValue(s)) => SubsetEntry::parse(s),
             _ => None,
         })
         .collect();
     Subset::Only(ips)
-}
-
-/// The IP of `ip:port`, `[v6]:port`, `[v6]` or a bare IP.
-fn parse_ip(s: &str) -> Option<std::net::IpAddr> {
-    let s = s.trim();
-    if let Ok(addr) = s.parse::<std::net::SocketAddr>() {
-        return Some(addr.ip());
-    }
-    s.trim_start_matches('[').trim_end_matches(']').parse().ok()
 }
 
 #[cfg(test)]
@@ -624,11 +682,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn subset_ip_parsing_is_ipv6_safe() {
-        assert_eq!(parse_ip("10.0.0.1:8000"), Some("10.0.0.1".parse().unwrap()));
-        assert_eq!(parse_ip("[fd00::1]:8000"), Some("fd00::1".parse().unwrap()));
-        assert_eq!(parse_ip("fd00::1"), Some("fd00::1".parse().unwrap()));
-        assert_eq!(parse_ip("10.0.0.1"), Some("10.0.0.1".parse().unwrap()));
-        assert_eq!(parse_ip("pod-a:80"), None);
+    fn subset_entries_keep_their_port_and_are_ipv6_safe() {
+        let e = |ip: &str, port| {
+            Some(SubsetEntry {
+                ip: ip.parse().unwrap(),
+                port,
+            })
+        };
+        assert_eq!(SubsetEntry::parse("10.0.0.1:8000"), e("10.0.0.1", Some(8000)));
+        assert_eq!(SubsetEntry::parse("[fd00::1]:8000"), e("fd00::1", Some(8000)));
+        assert_eq!(SubsetEntry::parse("[fd00::1]"), e("fd00::1", None));
+        assert_eq!(SubsetEntry::parse("fd00::1"), e("fd00::1", None));
+        assert_eq!(SubsetEntry::parse(" 10.0.0.1 "), e("10.0.0.1", None));
+        assert_eq!(SubsetEntry::parse("pod-a:80"), None);
     }
 }

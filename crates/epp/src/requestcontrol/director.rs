@@ -10,7 +10,7 @@
 //! [`Director::route_dispatched`], which parses again (only waiting requests pay for that).
 
 use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +39,9 @@ pub const DEFAULT_STALENESS: Duration = Duration::from_secs(2);
 pub struct DirectorConfig {
     /// Bodies larger than this are refused with 413.
     pub max_body_bytes: usize,
+    /// Bytes of request bodies buffered across all streams at once
+    /// (`--max-buffered-body-bytes`; see `protocol::budget`).
+    pub body_budget_bytes: usize,
     /// At most this many endpoints in the destination list (1 for ORIGINAL_DST gateways,
     /// which reject lists); `None` returns what the picker chose.
     pub max_destinations: Option<usize>,
@@ -54,6 +57,7 @@ impl Default for DirectorConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            body_budget_bytes: crate::protocol::budget::DEFAULT_BODY_BUDGET_BYTES,
             max_destinations: None,
             ignore_subset_hint: false,
             staleness: Some(DEFAULT_STALENESS),
@@ -88,15 +92,47 @@ pub enum Subset {
     /// No hint: every endpoint.
     #[default]
     All,
-    /// Only endpoints with these IPs (ports are ignored, as in the reference).
-    Only(Vec<IpAddr>),
+    /// Only endpoints these entries name.
+    Only(Vec<SubsetEntry>),
+}
+
+/// One entry of the subset hint. The protocol's entries are `ip:port`; an entry with a port
+/// names that endpoint only (two endpoints on one pod IP, multi-port and data-parallel pools,
+/// stay apart), an entry without one (`10.0.0.5`, `[fd00::5]`, as older gateways send) names
+/// every port of that IP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubsetEntry {
+    /// The IP.
+    pub ip: IpAddr,
+    /// The port, when the entry has one.
+    pub port: Option<u16>,
+}
+
+impl SubsetEntry {
+    /// Parses `ip:port`, `[v6]:port`, `[v6]` or a bare IP; `None` for anything else (a host
+    /// name, say).
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        if let Ok(addr) = s.parse::<std::net::SocketAddr>() {
+            return Some(Self {
+                ip: addr.ip(),
+                port: Some(addr.port()),
+            });
+        }
+        let ip = s.strip_prefix('[').and_then(|v| v.strip_suffix(']')).unwrap_or(s);
+        ip.parse().ok().map(|ip| Self { ip, port: None })
+    }
+
+    fn allows(&self, address: SocketAddr) -> bool {
+        self.ip == address.ip() && self.port.is_none_or(|p| p == address.port())
+    }
 }
 
 impl Subset {
-    fn allows(&self, ip: IpAddr) -> bool {
+    fn allows(&self, address: SocketAddr) -> bool {
         match self {
             Self::All => true,
-            Self::Only(ips) => ips.contains(&ip),
+            Self::Only(entries) => entries.iter().any(|e| e.allows(address)),
         }
     }
 }
@@ -300,7 +336,7 @@ impl Director {
             // Without a hint no endpoint's identity needs reading.
             Subset::Only(_) if !self.config.ignore_subset_hint => {
                 for state in endpoints {
-                    if subset.allows(state.endpoint.address.ip()) {
+                    if subset.allows(state.endpoint.address) {
                         let index = allowed.len();
                         allowed.push(Candidate { state, index });
                     }

@@ -6,6 +6,6 @@ pub mod objectives;
 
 pub use director::{
     DEFAULT_MAX_BODY_BYTES, DEFAULT_STALENESS, Decision, Director, DirectorConfig, DirectorError,
-    RequestControl, RequestInfo, Routing, Subset,
+    RequestControl, RequestInfo, Routing, Subset, SubsetEntry,
 };
 pub use objectives::{ObjectiveTable, PriorityLookup};

@@ -16,22 +16,37 @@
 //! and an absent spec is not scraped. `customMetrics` is refused: no plugin here reads
 //! attributes by name.
 //!
+//! Every value is range-checked and several series of one family are combined by the rules of
+//! [`super::figures`]; a refused value is counted in
+//! `inference_extension_model_server_refused_samples_total{family,reason}` and logged once per
+//! endpoint and family.
+//!
 //! A page without one configured series is not an update (the figures age, as v1.5 and
 //! v0.10); with the `enableLegacyMetrics` feature gate any successful scrape refreshes them,
 //! as GIE v1.0 did.
 
 use std::any::{Any, TypeId};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use super::prom::{CacheInfo, ENGINES, EngineMetrics, MetricSpec, SpecError};
+use super::prom::{CacheInfo, ENGINES, EngineMetrics, MetricSpec, Refused, SpecError};
 use crate::datalayer::{Endpoint, METRICS, Metrics, Writes};
 use crate::framework::data::{Attributes, KeyId, Value};
 use crate::framework::datalayer::{ExtractError, Extractor};
+use crate::framework::plugin::{CounterFamily, PluginMetrics};
+
+/// The refused-sample counter.
+pub const REFUSED_FAMILY: &str = "inference_extension_model_server_refused_samples";
+
+/// How many (endpoint, family) pairs are remembered as already logged; the set is cleared when
+/// full, so churn cannot grow it and a lasting fault is logged again now and then.
+const WARNED_CAP: usize = 4096;
 
 /// llm-d-router v0.10's engine label.
 pub const ENGINE_LABEL: &str = "llm-d.ai/engine-type";
@@ -215,17 +230,32 @@ fn with_flags(
 }
 
 /// See the module docs.
-#[derive(Debug)]
 pub struct CoreMetricsExtractor {
     label: String,
     engines: HashMap<String, Arc<EngineMetrics>>,
     default: Arc<EngineMetrics>,
     legacy_freshness: bool,
+    refused: CounterFamily,
+    warned: Mutex<HashSet<(SocketAddr, String)>>,
+}
+
+impl std::fmt::Debug for CoreMetricsExtractor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoreMetricsExtractor")
+            .field("label", &self.label)
+            .field("default", &self.default.engine)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CoreMetricsExtractor {
-    /// An extractor from `defaults` overridden by `params`.
-    pub fn new(defaults: &ExtractorDefaults, params: &ExtractorParams) -> Result<Self, ExtractorParamError> {
+    /// An extractor from `defaults` overridden by `params`, counting refused samples in
+    /// `metrics`.
+    pub fn new(
+        defaults: &ExtractorDefaults,
+        params: &ExtractorParams,
+        metrics: &PluginMetrics,
+    ) -> Result<Self, ExtractorParamError> {
         let default_name = params
             .default_engine
             .clone()
@@ -264,7 +294,36 @@ impl CoreMetricsExtractor {
             engines,
             default,
             legacy_freshness: defaults.legacy_freshness,
+            refused: metrics.counter(
+                REFUSED_FAMILY,
+                "[ALPHA] Model-server metric samples not taken because their value is out of range (NaN, infinite, negative, a utilisation above 1, a size beyond its bound)",
+            ),
+            warned: Mutex::new(HashSet::new()),
         })
+    }
+
+    fn count_refused(&self, endpoint: &Endpoint, refused: Vec<Refused>) {
+        for r in refused {
+            self.refused
+                .get_or_create(&vec![
+                    ("family", r.family.clone()),
+                    ("reason", r.reason.as_str().to_owned()),
+                ])
+                .inc();
+            let mut warned = self.warned.lock();
+            if warned.len() >= WARNED_CAP {
+                warned.clear();
+            }
+            if warned.insert((endpoint.address, r.family.clone())) {
+                tracing::warn!(
+                    endpoint = %endpoint.address,
+                    family = %r.family,
+                    value = r.value,
+                    reason = r.reason.as_str(),
+                    "model server reported an out-of-range value; it is not taken (logged once per endpoint and family)"
+                );
+            }
+        }
     }
 
     /// The mapping `endpoint` is read with.
@@ -305,7 +364,12 @@ impl Extractor for CoreMetricsExtractor {
         let engine = self.engine_for(endpoint);
         let before = previous.get(METRICS);
         let empty = Metrics::default();
-        let metrics = match engine.extract(page, before.unwrap_or(&empty), now) {
+        let mut refused = Vec::new();
+        let extracted = engine.extract(page, before.unwrap_or(&empty), now, &mut refused);
+        if !refused.is_empty() {
+            self.count_refused(endpoint, refused);
+        }
+        let metrics = match extracted {
             Some(m) => m,
             None if self.legacy_freshness => Metrics {
                 updated_at: Some(now),
@@ -330,7 +394,11 @@ mod tests {
     }
 
     fn extractor(yaml: &str) -> Result<CoreMetricsExtractor, ExtractorParamError> {
-        CoreMetricsExtractor::new(&defaults(), &serde_yaml::from_str(yaml).unwrap())
+        CoreMetricsExtractor::new(
+            &defaults(),
+            &serde_yaml::from_str(yaml).unwrap(),
+            &PluginMetrics::default(),
+        )
     }
 
     fn metrics_of(x: &CoreMetricsExtractor, ep: &Endpoint, page: &str) -> Result<Metrics, ExtractError> {
@@ -398,6 +466,32 @@ mod tests {
     }
 
     #[test]
+    fn refused_samples_are_counted_by_family_and_reason() {
+        let metrics = PluginMetrics::default();
+        let x = CoreMetricsExtractor::new(&defaults(), &ExtractorParams::default(), &metrics).unwrap();
+        let ep = Endpoint::from_address("10.0.0.1:8000".parse().unwrap());
+        let page = Bytes::from_static(b"vllm:kv_cache_usage_perc -0.3875\nvllm:num_requests_waiting 1\n");
+        for _ in 0..3 {
+            let w = x
+                .extract(&ep, &page, &Attributes::default(), Instant::now())
+                .unwrap();
+            let m = w[0].1.downcast_ref::<Metrics>().unwrap();
+            assert_eq!((m.kv_cache_usage, m.waiting_queue), (1.0, 1));
+        }
+        let counter = metrics.counter(REFUSED_FAMILY, "");
+        let labels = vec![
+            ("family", "vllm:kv_cache_usage_perc".to_owned()),
+            ("reason", "negative".to_owned()),
+        ];
+        assert_eq!(counter.get_or_create(&labels).get(), 3);
+        assert_eq!(
+            x.warned.lock().len(),
+            1,
+            "logged once for the endpoint and family"
+        );
+    }
+
+    #[test]
     fn mistakes_are_named() {
         for (yaml, want) in [
             ("defaultEngine: nope", "defaultEngine 'nope'"),
@@ -435,7 +529,8 @@ mod tests {
             ],
             legacy_freshness: true,
         };
-        let x = CoreMetricsExtractor::new(&d, &ExtractorParams::default()).unwrap();
+        let x =
+            CoreMetricsExtractor::new(&d, &ExtractorParams::default(), &PluginMetrics::default()).unwrap();
         let ep = Endpoint::from_address("10.0.0.1:8000".parse().unwrap());
         let m = metrics_of(
             &x,
@@ -451,7 +546,7 @@ mod tests {
             metric_flags: vec![("kv-cache-usage-percentage-metric", "a{b".into())],
             ..d
         };
-        let e = CoreMetricsExtractor::new(&bad, &ExtractorParams::default())
+        let e = CoreMetricsExtractor::new(&bad, &ExtractorParams::default(), &PluginMetrics::default())
             .unwrap_err()
             .to_string();
         assert!(e.contains("--kv-cache-usage-percentage-metric"), "{e}");

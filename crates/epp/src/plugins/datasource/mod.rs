@@ -3,6 +3,7 @@
 
 pub mod core_metrics;
 mod fetch;
+pub mod figures;
 pub mod metrics_source;
 pub mod prom;
 

@@ -11,9 +11,10 @@
 //! `}` even inside quoted values.
 //!
 //! Metric specs follow the reference: `name` or `name{label=value,...}` (values quoted or
-//! not); a series matches when it carries every listed label with that value. The first
-//! matching series wins, except for LoRA info, where the series with the largest value (vLLM
-//! writes a timestamp there, and keeps old label sets) is the current state.
+//! not); a series matches when it carries every listed label with that value. Several
+//! matching series are combined by the rules of [`super::figures`] (counts add, utilisation
+//! takes the largest; for LoRA info the series with the largest value, a timestamp in vLLM,
+//! which keeps old label sets, is the current state), after each value is range-checked.
 
 use std::sync::Arc;
 
@@ -21,6 +22,7 @@ use std::borrow::Cow;
 
 use tokio::time::Instant;
 
+use super::figures::{self, Combine, Rejection};
 use crate::datalayer::{LoraInfo, Metrics};
 
 /// A parsed metric spec string.
@@ -262,39 +264,103 @@ impl EngineMetrics {
     /// Extracts metrics from a `/metrics` page. `previous` supplies values for series that are
     /// absent (e.g. LoRA info on a server without LoRA). Returns `None` when not one
     /// configured series was found: the page is not from this engine, and the endpoint's
-    /// figures should age rather than be replaced by zeros.
-    pub fn extract(&self, text: &str, previous: &Metrics, now: Instant) -> Option<Metrics> {
+    /// figures should age rather than be replaced by zeros. Values are range-checked and
+    /// series combined as [`super::figures`] says; every refused value is pushed to `refused`.
+    pub fn extract(
+        &self,
+        text: &str,
+        previous: &Metrics,
+        now: Instant,
+        refused: &mut Vec<Refused>,
+    ) -> Option<Metrics> {
         let wanted = self.families();
         let samples: Vec<Sample<'_>> = wanted_lines(text, &wanted).filter_map(Sample::parse).collect();
         let mut found = false;
         let mut m = previous.clone();
 
-        let first = |spec: &MetricSpec| samples.iter().find(|s| spec.matches(s)).map(|s| s.value);
-        if let Some(v) = self.queued.as_ref().and_then(first) {
-            m.waiting_queue = to_u32(v);
+        // The combined, checked figure of `spec`: `None` without a series; `Some(Err)` refused.
+        let mut figure = |spec: &MetricSpec, check: fn(f64) -> Result<f64, Rejection>, how: Combine| {
+            let values: Vec<f64> = samples
+                .iter()
+                .filter(|s| spec.matches(s))
+                .map(|s| s.value)
+                .collect();
+            if values.is_empty() {
+                return None;
+            }
+            Some(figures::combine(values, check, how, |value, reason| {
+                refused.push(Refused {
+                    family: spec.name.clone(),
+                    reason,
+                    value,
+                })
+            }))
+        };
+        let counts = |v| figures::count(v, f64::from(u32::MAX));
+        if let Some(r) = self.queued.as_ref().and_then(|s| figure(s, counts, Combine::Sum)) {
+            if let Ok(Some(v)) = r {
+                m.waiting_queue = v as u32;
+            }
             found = true;
         }
-        if let Some(v) = self.running.as_ref().and_then(first) {
-            m.running = to_u32(v);
+        if let Some(r) = self
+            .running
+            .as_ref()
+            .and_then(|s| figure(s, counts, Combine::Sum))
+        {
+            if let Ok(Some(v)) = r {
+                m.running = v as u32;
+            }
             found = true;
         }
-        if let Some(v) = self.kv_usage.iter().find_map(first) {
-            m.kv_cache_usage = v;
+        // The first KV spec with a series (new name, then old).
+        if let Some(r) = self
+            .kv_usage
+            .iter()
+            .find_map(|s| figure(s, figures::fraction, Combine::Max))
+        {
+            m.kv_cache_usage = match r {
+                Ok(Some(v)) => v,
+                _ => 1.0,
+            };
             found = true;
         }
         if let Some(lora) = self.lora.as_ref().and_then(|spec| lora_info(&samples, spec)) {
             m.lora = lora;
             found = true;
         }
+        let blocks = |v| figures::count(v, u64::MAX as f64);
         match &self.cache {
             Some(CacheInfo::Labels {
                 spec,
                 block_size_label,
                 num_blocks_label,
             }) => {
-                if let Some(s) = samples.iter().find(|s| spec.matches(s)) {
-                    m.cache_block_size = s.label(block_size_label).and_then(|v| v.parse().ok());
-                    m.cache_num_blocks = s.label(num_blocks_label).and_then(|v| v.parse().ok());
+                let series: Vec<&Sample<'_>> = samples.iter().filter(|s| spec.matches(s)).collect();
+                if !series.is_empty() {
+                    let label = |s: &Sample<'_>, l: &str| {
+                        s.label(l).map(|v| v.trim().parse::<f64>().unwrap_or(f64::NAN))
+                    };
+                    let mut one = |label_name: &str, check: fn(f64) -> Result<f64, Rejection>, how| {
+                        let values: Vec<f64> = series.iter().filter_map(|s| label(s, label_name)).collect();
+                        if values.is_empty() {
+                            return None;
+                        }
+                        let family = format!("{}{{{label_name}}}", spec.name);
+                        figures::combine(values, check, how, |value, reason| {
+                            refused.push(Refused {
+                                family: family.clone(),
+                                reason,
+                                value,
+                            })
+                        })
+                        .ok()
+                        .flatten()
+                    };
+                    // Every engine of one server pages with one block size; blocks add up.
+                    m.cache_block_size =
+                        one(block_size_label, figures::block_size, Combine::Max).map(|v| v as u32);
+                    m.cache_num_blocks = one(num_blocks_label, blocks, Combine::Sum).map(|v| v as u64);
                     found = true;
                 }
             }
@@ -302,12 +368,19 @@ impl EngineMetrics {
                 block_size,
                 num_blocks,
             }) => {
-                if let Some(v) = block_size.as_ref().and_then(first) {
-                    m.cache_block_size = Some(to_u32(v));
+                if let Some(r) = block_size
+                    .as_ref()
+                    .and_then(|s| figure(s, figures::block_size, Combine::Max))
+                {
+                    if let Ok(Some(v)) = r {
+                        m.cache_block_size = Some(v as u32);
+                    }
                     found = true;
                 }
-                if let Some(v) = num_blocks.as_ref().and_then(first) {
-                    m.cache_num_blocks = Some(v.max(0.0) as u64);
+                if let Some(r) = num_blocks.as_ref().and_then(|s| figure(s, blocks, Combine::Sum)) {
+                    if let Ok(Some(v)) = r {
+                        m.cache_num_blocks = Some(v as u64);
+                    }
                     found = true;
                 }
             }
@@ -319,6 +392,17 @@ impl EngineMetrics {
         m.updated_at = Some(now);
         Some(m)
     }
+}
+
+/// A scraped value not taken (see [`super::figures`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    /// The family (for label-carried figures, `family{label}`).
+    pub family: String,
+    /// Why.
+    pub reason: Rejection,
+    /// The value as scraped.
+    pub value: f64,
 }
 
 /// The sample lines of wanted families (sample names may carry a `_total` suffix). Lines are
@@ -430,9 +514,12 @@ impl<'a> Sample<'a> {
             }
         }
         let value_text = rest.split_whitespace().next()?;
+        // `NaN` and `±Inf` are read (the range checks refuse and count them).
         let value = match value_text {
-            "+Inf" | "-Inf" | "NaN" => return None,
-            v => v.parse::<f64>().ok().filter(|v| v.is_finite())?,
+            "+Inf" | "Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            "NaN" => f64::NAN,
+            v => v.parse::<f64>().ok()?,
         };
         Some(Self { name, labels, value })
     }
@@ -443,10 +530,6 @@ impl<'a> Sample<'a> {
             .find(|(k, _)| *k == key)
             .map(|(_, v)| v.as_ref())
     }
-}
-
-fn to_u32(v: f64) -> u32 {
-    v.round().clamp(0.0, f64::from(u32::MAX)) as u32
 }
 
 fn adapters(s: Option<&str>) -> Vec<Arc<str>> {
@@ -512,7 +595,12 @@ mod tests {
     fn real_vllm_pages() {
         let now = Instant::now();
         let idle = vllm()
-            .extract(&read("metrics_idle.txt"), &Metrics::default(), now)
+            .extract(
+                &read("metrics_idle.txt"),
+                &Metrics::default(),
+                now,
+                &mut Vec::new(),
+            )
             .unwrap();
         assert_eq!((idle.waiting_queue, idle.running), (0, 0));
         assert_eq!(idle.cache_block_size, Some(32));
@@ -520,12 +608,19 @@ mod tests {
         assert_eq!(idle.updated_at, Some(now));
 
         let busy = vllm()
-            .extract(&read("metrics_busy.txt"), &Metrics::default(), now)
+            .extract(
+                &read("metrics_busy.txt"),
+                &Metrics::default(),
+                now,
+                &mut Vec::new(),
+            )
             .unwrap();
         assert_eq!((busy.waiting_queue, busy.running), (12, 8));
         assert!((busy.kv_cache_usage - 0.850_393_700_787_401_6).abs() < 1e-12);
 
-        let after = vllm().extract(&read("metrics_after.txt"), &busy, now).unwrap();
+        let after = vllm()
+            .extract(&read("metrics_after.txt"), &busy, now, &mut Vec::new())
+            .unwrap();
         assert_eq!((after.waiting_queue, after.running), (0, 0));
         // No LoRA family on this server: LoRA info stays as it was (empty).
         assert_eq!(after.lora, LoraInfo::default());
@@ -535,12 +630,22 @@ mod tests {
     fn real_lora_pages_take_the_latest_series() {
         let now = Instant::now();
         let busy = vllm()
-            .extract(&read("variant_lora/metrics_busy.txt"), &Metrics::default(), now)
+            .extract(
+                &read("variant_lora/metrics_busy.txt"),
+                &Metrics::default(),
+                now,
+                &mut Vec::new(),
+            )
             .unwrap();
         assert_eq!(busy.lora.max_active, 2);
         assert_eq!(busy.lora.active, vec![Arc::<str>::from("tiny-lora")]);
         let after = vllm()
-            .extract(&read("variant_lora/metrics_after.txt"), &busy, now)
+            .extract(
+                &read("variant_lora/metrics_after.txt"),
+                &busy,
+                now,
+                &mut Vec::new(),
+            )
             .unwrap();
         // After the burst the newest series has empty adapter lists: nothing is running.
         assert!(after.lora.active.is_empty(), "{:?}", after.lora);
@@ -550,7 +655,9 @@ mod tests {
             "variant_lora/metrics_after_reset.txt",
         ] {
             assert!(
-                vllm().extract(&read(name), &Metrics::default(), now).is_some(),
+                vllm()
+                    .extract(&read(name), &Metrics::default(), now, &mut Vec::new())
+                    .is_some(),
                 "{name}"
             );
         }
@@ -560,7 +667,9 @@ mod tests {
     fn old_vllm_kv_name_is_a_fallback() {
         let page =
             "# TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc{model_name=\"m\"} 0.25\n";
-        let m = vllm().extract(page, &Metrics::default(), Instant::now()).unwrap();
+        let m = vllm()
+            .extract(page, &Metrics::default(), Instant::now(), &mut Vec::new())
+            .unwrap();
         assert_eq!(m.kv_cache_usage, 0.25);
     }
 
@@ -577,14 +686,14 @@ nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"max\"} 1000
 ";
         let m = EngineMetrics::builtin("triton-tensorrt-llm")
             .unwrap()
-            .extract(page, &Metrics::default(), Instant::now())
+            .extract(page, &Metrics::default(), Instant::now(), &mut Vec::new())
             .unwrap();
         assert_eq!((m.waiting_queue, m.running, m.kv_cache_usage), (7, 3, 0.5));
         assert_eq!((m.cache_block_size, m.cache_num_blocks), (Some(64), Some(1000)));
         let page = "sglang:num_queue_reqs 4\nsglang:num_running_reqs 2\nsglang:token_usage 0.3\nsglang:cache_config_info{page_size=\"16\",num_pages=\"900\"} 1\n";
         let m = EngineMetrics::builtin("sglang")
             .unwrap()
-            .extract(page, &Metrics::default(), Instant::now())
+            .extract(page, &Metrics::default(), Instant::now(), &mut Vec::new())
             .unwrap();
         assert_eq!((m.waiting_queue, m.running), (4, 2));
         assert_eq!((m.cache_block_size, m.cache_num_blocks), (Some(16), Some(900)));
@@ -598,18 +707,106 @@ nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"max\"} 1000
         assert_eq!(s.label("c"), Some(""));
         assert_eq!(s.value, 2.5);
         assert_eq!(Sample::parse("up 1").unwrap().value, 1.0);
-        assert!(Sample::parse("up NaN").is_none());
+        assert!(Sample::parse("up NaN").unwrap().value.is_nan());
+        assert_eq!(Sample::parse("up -Inf").unwrap().value, f64::NEG_INFINITY);
         assert!(Sample::parse(r#"m{a="1" 2"#).is_none());
         assert!(Sample::parse("m{a=1} 2").is_none());
+    }
+
+    #[test]
+    fn out_of_range_figures_are_refused_and_series_combined() {
+        let now = Instant::now();
+        // Another accelerator backend's vLLM: negative KV use. The KV figure is taken as full,
+        // so the pod is never preferred for it; the queue still updates.
+        let mut refused = Vec::new();
+        let m = vllm()
+            .extract(
+                "vllm:kv_cache_usage_perc{model_name=\"m\"} -0.3875\nvllm:num_requests_waiting 2\n",
+                &Metrics::default(),
+                now,
+                &mut refused,
+            )
+            .unwrap();
+        assert_eq!((m.kv_cache_usage, m.waiting_queue), (1.0, 2));
+        assert_eq!(
+            refused,
+            vec![Refused {
+                family: "vllm:kv_cache_usage_perc".into(),
+                reason: Rejection::Negative,
+                value: -0.3875
+            }]
+        );
+        // NaN and infinite counts keep the previous figure.
+        let before = Metrics {
+            waiting_queue: 5,
+            running: 3,
+            ..Metrics::default()
+        };
+        let mut refused = Vec::new();
+        let m = vllm()
+            .extract(
+                "vllm:num_requests_waiting NaN\nvllm:num_requests_running +Inf\nvllm:kv_cache_usage_perc 1.5\n",
+                &before,
+                now,
+                &mut refused,
+            )
+            .unwrap();
+        assert_eq!((m.waiting_queue, m.running, m.kv_cache_usage), (5, 3, 1.0));
+        let reasons: Vec<_> = refused.iter().map(|r| r.reason).collect();
+        assert_eq!(
+            reasons,
+            [Rejection::NotANumber, Rejection::Infinite, Rejection::AboveOne]
+        );
+        // Data-parallel engines: counts add, utilisation takes the largest, blocks add up.
+        let page = "\
+vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 2
+vllm:num_requests_waiting{engine=\"1\",model_name=\"m\"} 5
+vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 1
+vllm:num_requests_running{engine=\"1\",model_name=\"m\"} 4
+vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.2
+vllm:kv_cache_usage_perc{engine=\"1\",model_name=\"m\"} 0.6
+vllm:cache_config_info{block_size=\"16\",engine=\"0\",num_gpu_blocks=\"100\"} 1
+vllm:cache_config_info{block_size=\"16\",engine=\"1\",num_gpu_blocks=\"120\"} 1
+";
+        let mut refused = Vec::new();
+        let m = vllm()
+            .extract(page, &Metrics::default(), now, &mut refused)
+            .unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!((m.waiting_queue, m.running, m.kv_cache_usage), (7, 5, 0.6));
+        assert_eq!((m.cache_block_size, m.cache_num_blocks), (Some(16), Some(220)));
+        // Whatever the order of the series.
+        let reversed: String = page.lines().rev().map(|l| format!("{l}\n")).collect();
+        let r = vllm()
+            .extract(&reversed, &Metrics::default(), now, &mut Vec::new())
+            .unwrap();
+        assert_eq!(r, m);
+        // Bad cache geometry is refused, not stored.
+        let mut refused = Vec::new();
+        let m = vllm()
+            .extract(
+                "vllm:cache_config_info{block_size=\"0\",num_gpu_blocks=\"-4\"} 1\n",
+                &Metrics::default(),
+                now,
+                &mut refused,
+            )
+            .unwrap();
+        assert_eq!((m.cache_block_size, m.cache_num_blocks), (None, None));
+        assert_eq!(refused.len(), 2);
+        assert_eq!(refused[0].family, "vllm:cache_config_info{block_size}");
     }
 
     #[test]
     fn a_page_without_any_configured_series_is_not_an_update() {
         assert!(
             vllm()
-                .extract("up 1\n", &Metrics::default(), Instant::now())
+                .extract("up 1\n", &Metrics::default(), Instant::now(), &mut Vec::new())
                 .is_none()
         );
-        assert!(vllm().extract("", &Metrics::default(), Instant::now()).is_none());
+        assert!(
+            vllm()
+                .extract("", &Metrics::default(), Instant::now(), &mut Vec::new())
+                .is_none()
+        );
     }
 }

@@ -36,7 +36,7 @@ impl Filter for HeaderBasedTestingFilter {
         _state: &CycleState,
         candidates: &[Candidate<'s>],
     ) -> Vec<Candidate<'s>> {
-        let Some(value) = req.headers.control(keys::TEST_ENDPOINT_SELECTION) else {
+        let Some(value) = req.headers.control(&[keys::TEST_ENDPOINT_SELECTION]) else {
             return Vec::new();
         };
         let mut out: Vec<Candidate<'s>> = Vec::new();
