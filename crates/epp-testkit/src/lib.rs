@@ -6,6 +6,8 @@
 //! * [`director`]: a director built from a configuration, without servers;
 //! * [`model_server`]: a fake model server serving a captured vLLM `/metrics` page with the
 //!   load figures a test sets, able to fail or hang on demand;
+//! * [`faulty`]: a model server whose metrics and requests fail on demand (hang, 500,
+//!   garbage, truncation, a cut connection, disappearance);
 //! * [`e2e`]: in-process `vllm-sim` servers, the real `epp` binary and a real Envoy;
 //! * [`apiserver`]: an in-memory Kubernetes API server over real HTTP;
 //! * [`sglang`]: SGLang's router as a peer for the routing benchmarks.
@@ -18,6 +20,7 @@ pub mod apiserver;
 pub mod director;
 pub mod e2e;
 pub mod extproc;
+pub mod faulty;
 pub mod model_server;
 pub mod sglang;
 

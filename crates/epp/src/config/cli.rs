@@ -228,6 +228,13 @@ pub struct Cli {
     /// Request bodies larger than this get 413.
     #[arg(long, default_value_t = crate::requestcontrol::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    /// An endpoint answering this many 5xx in a row is passed over for a while (passive
+    /// health, as Envoy's outlier detection); 0 turns it off.
+    #[arg(long, default_value_t = 5)]
+    pub endpoint_failure_threshold: u32,
+    /// How long the first ejection lasts; each repeat lasts longer, up to 10 times as long.
+    #[arg(long, default_value = "30s", value_parser = go_duration)]
+    pub endpoint_ejection_time: Duration,
     /// Request-body bytes buffered across all streams at once; a stream that would exceed it
     /// is answered 503 while admitted ones go on. At least `--max-body-bytes`.
     #[arg(long, default_value_t = crate::protocol::budget::DEFAULT_BODY_BUDGET_BYTES)]

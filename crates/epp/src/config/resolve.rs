@@ -13,6 +13,7 @@ use super::{ConfigError, EndpointPickerConfig};
 use crate::datalayer::Endpoint;
 use crate::datalayer::collector::CollectorConfig;
 use crate::datalayer::discovery::{DiscoveryError, FileSource, parse_static};
+use crate::datalayer::health::EjectionPolicy;
 use crate::k8s::discovery::{LEGACY_GROUP, POOL_GROUP, PoolRef, parse_ports, parse_selector};
 use crate::k8s::leader::LeaseTimings;
 use crate::plugins::{Defaults, DefaultsError};
@@ -252,6 +253,10 @@ impl EppConfig {
             max_destinations: cli.destination_limit,
             ignore_subset_hint: cli.disable_endpoint_subset_filter,
             staleness: Some(cli.metrics_staleness_threshold),
+            ejection: EjectionPolicy {
+                consecutive_failures: cli.endpoint_failure_threshold,
+                base: cli.endpoint_ejection_time,
+            },
         };
         let collector = CollectorConfig {
             default_interval: cli.refresh_metrics_interval,

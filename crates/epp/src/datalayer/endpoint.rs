@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio::time::{Duration, Instant};
 
+use super::health::EndpointHealth;
 use crate::framework::data::{Attributes, DataKey, KeyId, Value};
 
 /// One routable model-server endpoint: a pod (or one data-parallel rank of a pod) at `ip:port`.
@@ -162,6 +163,7 @@ pub struct EndpointState {
     pub endpoint: Arc<Endpoint>,
     metrics: Arc<Metrics>,
     attrs: Attributes,
+    health: Arc<EndpointHealth>,
 }
 
 /// The figures of every endpoint not scraped yet, shared.
@@ -175,7 +177,18 @@ impl EndpointState {
             endpoint,
             metrics: UNSCRAPED_ARC.clone(),
             attrs: Attributes::default(),
+            health: Arc::default(),
         }
+    }
+
+    /// The endpoint's passive health, shared by every snapshot that holds the endpoint.
+    pub fn health(&self) -> &Arc<EndpointHealth> {
+        &self.health
+    }
+
+    /// Carries `previous`'s health over (the same endpoint, relabelled).
+    pub(crate) fn keep_health(&mut self, previous: &EndpointState) {
+        self.health = previous.health.clone();
     }
 
     /// An endpoint with `metrics` (tests and benches).

@@ -10,6 +10,7 @@
 pub mod collector;
 pub mod discovery;
 mod endpoint;
+pub mod health;
 mod store;
 
 pub use endpoint::{Endpoint, EndpointState, LoraInfo, METRICS, Metrics, format_hostport};

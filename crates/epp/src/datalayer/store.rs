@@ -138,6 +138,9 @@ impl EndpointStore {
                         .iter()
                         .find(|s| s.endpoint.name == ep.name && s.endpoint.address == ep.address);
                     let mut state = EndpointState::new(Arc::new(ep));
+                    if let Some(p) = previous {
+                        state.keep_health(p);
+                    }
                     for hook in &self.hooks {
                         match previous {
                             Some(p) => hook.on_replace(&mut state, p),

@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 pub use error::{ErrorAnswer, StreamError};
 pub use observer::{NoopObserver, RequestObserver, RequestRecord};
 pub use stream::{ExtProcStream, Step};
-pub use usage::{Usage, UsageParser, usage_of};
+pub use usage::{MAX_TOKENS, Usage, UsageParser, usage_of};
 
 use self::budget::BodyBudget;
 use crate::framework::requestcontrol::{DispatchError, Wait};

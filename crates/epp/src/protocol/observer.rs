@@ -32,6 +32,8 @@ pub struct RequestRecord {
     pub usage: Option<Usage>,
     /// Local reply sent instead of routing: status and reference code.
     pub error: Option<(u16, &'static str)>,
+    /// The response's `:status`, once response headers arrived.
+    pub response_status: Option<u16>,
     /// Whether the response was an SSE stream.
     pub streaming: bool,
     /// Whether the response reached its end.
@@ -55,6 +57,7 @@ impl RequestRecord {
             response_bytes: 0,
             usage: None,
             error: None,
+            response_status: None,
             streaming: false,
             response_complete: false,
             started: Instant::now(),

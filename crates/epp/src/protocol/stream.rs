@@ -584,6 +584,27 @@ impl ExtProcStream {
         });
         self.record.streaming = sse;
         self.usage = Some(UsageParser::new(sse));
+        let status = h.headers.as_ref().and_then(|m| {
+            m.headers.iter().find(|hv| hv.key == ":status").and_then(|hv| {
+                let v: &[u8] = if hv.raw_value.is_empty() {
+                    hv.value.as_bytes()
+                } else {
+                    &hv.raw_value
+                };
+                std::str::from_utf8(v).ok()?.trim().parse::<u16>().ok()
+            })
+        });
+        self.record.response_status = status;
+        // Passive health: the endpoint that served (as the gateway reports it), else the pick.
+        if let (Some(status), Some(primary)) = (status, &self.record.primary) {
+            let served = self
+                .record
+                .served
+                .as_deref()
+                .and_then(|s| s.parse::<std::net::SocketAddr>().ok())
+                .unwrap_or(primary.address);
+            self.director.record_outcome(served, status);
+        }
         if h.end_of_stream {
             self.complete_response();
         }

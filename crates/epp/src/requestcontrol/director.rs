@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::datalayer::health::EjectionPolicy;
 use crate::datalayer::{Endpoint, EndpointState, EndpointStore, Snapshot};
 use crate::framework::data::CycleState;
 use crate::framework::plugin::{Named, PluginObserver};
@@ -51,6 +52,9 @@ pub struct DirectorConfig {
     /// any candidate has fresh metrics: a model server that stopped answering its metrics is
     /// avoided, yet a pool whose scrapes all fail still serves. `None` disables this.
     pub staleness: Option<Duration>,
+    /// Endpoints answering this many 5xx in a row are passed over for a while, while any
+    /// candidate is not ejected (see `datalayer::health`).
+    pub ejection: EjectionPolicy,
 }
 
 impl Default for DirectorConfig {
@@ -61,6 +65,7 @@ impl Default for DirectorConfig {
             max_destinations: None,
             ignore_subset_hint: false,
             staleness: Some(DEFAULT_STALENESS),
+            ejection: EjectionPolicy::default(),
         }
     }
 }
@@ -349,20 +354,33 @@ impl Director {
                     .map(|(index, state)| Candidate { state, index }),
             ),
         }
-        let Some(staleness) = self.config.staleness else {
-            return allowed;
-        };
-        let fresh = allowed
-            .iter()
-            .filter(|c| c.metrics().is_fresh(now, staleness))
-            .count();
-        if fresh > 0 && fresh < allowed.len() {
-            allowed.retain(|c| c.metrics().is_fresh(now, staleness));
-            for (index, c) in allowed.iter_mut().enumerate() {
-                c.index = index;
-            }
+        if let Some(staleness) = self.config.staleness {
+            keep_if_any(&mut allowed, |c| c.metrics().is_fresh(now, staleness));
+        }
+        if self.config.ejection.consecutive_failures > 0 {
+            keep_if_any(&mut allowed, |c| !c.state.health().is_ejected(now));
         }
         allowed
+    }
+
+    /// Records the outcome of a response from `address` (the endpoint that served it) for
+    /// passive health: a 5xx status counts against it, anything else for it.
+    pub fn record_outcome(&self, address: SocketAddr, status: u16) {
+        let snapshot = self.store.load();
+        let Some(state) = snapshot.find(address) else {
+            return;
+        };
+        if status >= 500 {
+            if state.health().failure(&self.config.ejection, Instant::now()) {
+                tracing::warn!(
+                    endpoint = %address,
+                    consecutive = self.config.ejection.consecutive_failures,
+                    "endpoint answered server errors in a row; passed over for a while"
+                );
+            }
+        } else {
+            state.health().success();
+        }
     }
 
     fn synced_snapshot(&self) -> Result<Arc<Snapshot>, DirectorError> {
@@ -510,5 +528,18 @@ impl Director {
             stream: parsed.stream,
             held,
         })
+    }
+}
+
+/// Keeps the candidates `keep` accepts when it accepts some but not all, renumbering them; a
+/// filter that would leave none is not applied (a pool that is all stale or all ejected still
+/// serves).
+fn keep_if_any(allowed: &mut Vec<Candidate<'_>>, keep: impl Fn(&Candidate<'_>) -> bool) {
+    let kept = allowed.iter().filter(|c| keep(c)).count();
+    if kept > 0 && kept < allowed.len() {
+        allowed.retain(|c| keep(c));
+        for (index, c) in allowed.iter_mut().enumerate() {
+            c.index = index;
+        }
     }
 }
