@@ -109,10 +109,17 @@ impl Epp {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(",");
+        let mut args: Vec<&str> = vec!["--static-endpoints", &list];
+        args.extend(extra);
+        Self::start_args(grpc_port, &args).await
+    }
+
+    /// Starts `epp` with `extra` flags (discovery included) on `grpc_port` and free ports for
+    /// the rest, and waits until it is ready.
+    pub async fn start_args(grpc_port: u16, extra: &[&str]) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let metrics_port = free_port();
         let mut args: Vec<String> = vec![
-            "--static-endpoints".into(),
-            list,
             "--bind-address=127.0.0.1".into(),
             format!("--grpc-port={grpc_port}"),
             format!("--grpc-health-port={}", free_port()),

@@ -59,7 +59,7 @@ pub struct Faults {
     pub kv: f64,
     /// Requests received on `/v1/*`.
     pub requests_seen: u64,
-    /// Gone: connections still open are cut on their next request.
+    /// Gone: connections still open are answered 503 and closed on their next request.
     pub gone: bool,
 }
 
@@ -108,11 +108,18 @@ fn cut_after(first: String) -> Body {
     Body::from_stream(futures_util::stream::iter(chunks))
 }
 
+/// What a connection opened before the server went away gets: the connection is closed (new
+/// ones are refused, the listener is gone); the request in hand is answered 503, as a
+/// terminating pod's proxy would.
+fn gone() -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, [("connection", "close")], "gone").into_response()
+}
+
 async fn metrics(State((faults, _)): State<Shared>) -> Response {
     let (mode, text) = {
         let f = faults.lock();
         if f.gone {
-            return Response::new(cut_after(String::new()));
+            return gone();
         }
         (f.metrics, page(&f))
     };
@@ -134,7 +141,7 @@ async fn completion(State((faults, id)): State<Shared>, _body: Bytes) -> Respons
     let mode = {
         let mut f = faults.lock();
         if f.gone {
-            return Response::new(cut_after(String::new()));
+            return gone();
         }
         f.requests_seen += 1;
         f.requests

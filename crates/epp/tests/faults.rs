@@ -128,10 +128,19 @@ async fn failing_model_servers_are_avoided_and_every_request_is_answered() {
         until_served_by(&client, &envoy, &faulty).await;
     }
 
-    // Cut mid-response: every request is answered (some bodies broken), the picker keeps serving.
+    // Cut mid-response: every request is answered, and only requests the faulty server took go
+    // wrong (a cut before the headers reach the gateway is a 503, which counts; a cut after them
+    // cannot be told from a client that went away).
     faulty.set_requests(RequestFault::CloseMidResponse);
+    let seen = faulty.requests_seen();
     let r = send(&client, &envoy, 10, "cut").await;
-    assert!(r.iter().all(|(s, _)| *s == 200 || *s >= 500), "{r:?}");
+    let hits = faulty.requests_seen() - seen;
+    let bad = r.iter().filter(|(s, _)| *s != 200).count() as u64;
+    assert!(hits > 0, "the cut fault was never exercised: {r:?}");
+    assert!(
+        bad <= hits,
+        "{bad} bad answers but only {hits} requests reached the faulty server: {r:?}"
+    );
     faulty.set_requests(RequestFault::None);
 
     // Gone: refused connections and failed scrapes; after a short while nothing goes there.
@@ -264,4 +273,39 @@ async fn the_picker_killed_under_load_fail_open_keeps_serving_and_strict_recover
     );
     let log = std::fs::read_to_string(&epp.log).unwrap();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+#[tokio::test]
+async fn without_ejection_a_failing_server_keeps_getting_requests() {
+    // The control for the ejection above: with --endpoint-failure-threshold=0 a server that
+    // fails every request while it reports itself idle keeps receiving them.
+    let _serial = SERIAL.lock().await;
+    let client = client();
+    let healthy = sims(2).await;
+    for s in &healthy {
+        s.set_load(4, 0.4);
+    }
+    let faulty = FaultyServer::start(0, 0.0).await;
+    let mut pool: Vec<_> = healthy.iter().map(|s| s.addr).collect();
+    pool.push(faulty.addr);
+    let flags: Vec<&str> = FLAGS
+        .iter()
+        .map(|f| {
+            if f.starts_with("--endpoint-failure-threshold") {
+                "--endpoint-failure-threshold=0"
+            } else {
+                f
+            }
+        })
+        .collect();
+    let epp = Epp::start(&pool, &flags).await;
+    let envoy = envoy(Shape::AiGateway, epp.grpc_port, &pool).await;
+    until_served_by(&client, &envoy, &faulty).await;
+    faulty.set_requests(RequestFault::Error);
+    let r = send(&client, &envoy, 12, "no ejection").await;
+    let failed = r.iter().filter(|(s, _)| *s >= 500).count();
+    assert!(
+        failed >= 10,
+        "only {failed} of 12 reached the failing server: {r:?}"
+    );
 }

@@ -183,7 +183,7 @@ async fn client_chosen_model_names_do_not_grow_the_metrics_page() {
 }
 
 #[tokio::test]
-async fn the_body_budget_refuses_new_streams_not_admitted_ones() {
+async fn the_body_budget_refuses_the_stream_that_would_exceed_it_and_no_other() {
     let epp = start(
         SEED_CONFIG,
         &["--max-body-bytes=1000", "--max-buffered-body-bytes=1500"],
@@ -199,15 +199,23 @@ async fn the_body_budget_refuses_new_streams_not_admitted_ones() {
         h.push(("content-length", Box::leak(len.to_string().into_boxed_str())));
         h
     };
-    // A declares 900 bytes and sends half: all 900 are reserved.
+    // Headers alone hold nothing: ten streams declaring 1000 bytes each and sending none.
+    let mut idle = Vec::new();
+    for _ in 0..10 {
+        let mut c = epp.open().await;
+        c.send(request_headers(&headers(1000), false)).await;
+        idle.push(c);
+    }
+    // A sends 900 bytes of its body in two chunks: 900 are charged.
     let a_body = body(900);
     let mut a = epp.open().await;
     a.send(request_headers(&headers(900), false)).await;
     a.send(request_body(&a_body.as_bytes()[..450], false)).await;
+    a.send(request_body(&a_body.as_bytes()[450..800], false)).await;
     a.assert_silent().await;
-    // B declares 700: 900 + 700 > 1500, refused at once with a clear message.
+    // B declares 750: 800 + 750 > 1500 is refused before any byte is kept, with a clear message.
     let mut b = epp.open().await;
-    b.send(request_headers(&headers(700), false)).await;
+    b.send(request_headers(&headers(750), false)).await;
     let (status, message) = immediate(&b.recv().await);
     assert_eq!(status, 503);
     assert!(message.contains("--max-buffered-body-bytes"), "{message}");
@@ -217,10 +225,10 @@ async fn the_body_budget_refuses_new_streams_not_admitted_ones() {
         .await;
     c.send(request_body(&[b' '; 500], false)).await;
     c.assert_silent().await;
-    c.send(request_body(&[b' '; 200], false)).await;
+    c.send(request_body(&[b' '; 300], false)).await;
     assert_eq!(immediate(&c.recv().await).0, 503);
-    // A, admitted first, completes undisturbed.
-    a.send(request_body(&a_body.as_bytes()[450..], true)).await;
+    // A goes on undisturbed and its body is forwarded whole.
+    a.send(request_body(&a_body.as_bytes()[800..], true)).await;
     assert_eq!(destination(&a.recv().await), "10.0.0.1:8000");
     let mut forwarded = Vec::new();
     loop {
@@ -231,16 +239,25 @@ async fn the_body_budget_refuses_new_streams_not_admitted_ones() {
         }
     }
     assert_eq!(forwarded, a_body.as_bytes());
-    // Once A is routed its bytes are returned: B fits now.
-    let b_body = body(700);
+    // Once A is routed its bytes are returned: a 1000-byte body fits, idle streams or not.
+    let b_body = body(1000);
     let mut b = epp.open().await;
-    b.send(request_headers(&headers(700), false)).await;
+    b.send(request_headers(&headers(1000), false)).await;
     b.send(request_body(b_body.as_bytes(), true)).await;
     assert_eq!(destination(&b.recv().await), "10.0.0.1:8000");
     // A declared length above --max-body-bytes is a 413 before any byte is buffered.
     let mut d = epp.open().await;
     d.send(request_headers(&headers(5000), false)).await;
     assert_eq!(immediate(&d.recv().await).0, 413);
+    drop(idle);
+    // Refusals for the budget are no scheduling failures.
+    let page_records = epp.records.finished.lock();
+    assert!(
+        page_records
+            .iter()
+            .filter(|r| r.error.is_some())
+            .all(|r| !r.scheduling_failed)
+    );
 }
 
 #[tokio::test]

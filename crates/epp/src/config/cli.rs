@@ -350,6 +350,13 @@ impl Cli {
         if self.refresh_metrics_interval.is_zero() {
             return Err(CliError("--refresh-metrics-interval must be positive".into()));
         }
+        if self.endpoint_ejection_time.is_zero()
+            || self.endpoint_ejection_time > Duration::from_secs(24 * 3600)
+        {
+            return Err(CliError(
+                "--endpoint-ejection-time must be between 1ms and 24h (turn ejection off with --endpoint-failure-threshold=0)".into(),
+            ));
+        }
         if self.max_buffered_body_bytes < self.max_body_bytes {
             return Err(CliError(format!(
                 "--max-buffered-body-bytes ({}) is smaller than --max-body-bytes ({}): no body of the largest allowed size could ever be buffered",

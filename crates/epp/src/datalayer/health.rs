@@ -1,6 +1,7 @@
 //! Passive health: endpoints that keep answering 5xx are ejected for a while, as Envoy's
 //! outlier detection does for the clusters it balances (`consecutive_5xx` 5,
-//! `base_ejection_time` 30 s, the ejection growing with each repeat up to 10×). The gateway
+//! `base_ejection_time` 30 s, the ejection growing with each repeat up to 10×, at most 10 % of
+//! the pool ejected at once but always one). The gateway
 //! cannot do it for a pool it reaches through the picker's destination, and a model server whose
 //! `/metrics` still looks healthy while every request fails (a wedged engine, a broken adapter)
 //! would otherwise keep attracting traffic because it looks idle.
@@ -26,6 +27,15 @@ pub struct EjectionPolicy {
 
 /// Longest ejection, as a multiple of the base (Envoy's `max_ejection_time` default is 10×).
 pub const MAX_EJECTION_FACTOR: u32 = 10;
+
+/// Share of a pool that may be ejected at once, in percent (Envoy's `max_ejection_percent`
+/// default); at least one endpoint may always be.
+pub const MAX_EJECTION_PERCENT: usize = 10;
+
+/// How many of `pool` endpoints may be ejected at once: 10 %, at least one.
+pub fn max_ejected(pool: usize) -> usize {
+    (pool * MAX_EJECTION_PERCENT / 100).max(1)
+}
 
 impl Default for EjectionPolicy {
     fn default() -> Self {
@@ -60,18 +70,30 @@ impl EndpointHealth {
         }
     }
 
-    /// Records a server error (5xx); returns whether it ejected the endpoint.
-    pub fn failure(&self, policy: &EjectionPolicy, now: Instant) -> bool {
-        if policy.consecutive_failures == 0 {
+    /// Records a server error (5xx); returns whether it ejected the endpoint. `may_eject` is
+    /// false when the pool has as many endpoints ejected as it may (see
+    /// [`max_ejected`]); failures of an endpoint already ejected (requests sent before its
+    /// ejection) do not count again.
+    pub fn failure(&self, policy: &EjectionPolicy, now: Instant, may_eject: bool) -> bool {
+        if policy.consecutive_failures == 0 || self.is_ejected(now) {
             return false;
         }
         let n = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
-        if n < policy.consecutive_failures {
+        if n < policy.consecutive_failures || !may_eject {
             return false;
         }
-        self.consecutive.store(0, Ordering::Relaxed);
+        // One thread crossing the threshold ejects; a concurrent one finds the count reset.
+        if self
+            .consecutive
+            .compare_exchange(n, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
         let times = (self.ejections.fetch_add(1, Ordering::Relaxed) + 1).min(MAX_EJECTION_FACTOR);
-        let until = millis(now + policy.base * times);
+        let until = now
+            .checked_add(policy.base.saturating_mul(times))
+            .map_or(u64::MAX, millis);
         self.ejected_until.store(until.max(1), Ordering::Relaxed);
         true
     }
@@ -94,36 +116,62 @@ mod tests {
             base: Duration::from_secs(10),
         };
         let h = EndpointHealth::default();
-        assert!(!h.failure(&policy, Instant::now()));
-        assert!(!h.failure(&policy, Instant::now()));
+        let fail = |h: &EndpointHealth| h.failure(&policy, Instant::now(), true);
+        assert!(!fail(&h));
+        assert!(!fail(&h));
         h.success();
-        assert!(!h.failure(&policy, Instant::now()));
-        assert!(!h.failure(&policy, Instant::now()));
+        assert!(!fail(&h));
+        assert!(!fail(&h));
         assert!(
             !h.is_ejected(Instant::now()),
             "a success in between resets the count"
         );
-        assert!(h.failure(&policy, Instant::now()));
+        assert!(fail(&h));
         assert!(h.is_ejected(Instant::now()));
+        // Failures of requests sent before the ejection do not count again.
+        for _ in 0..10 {
+            assert!(!fail(&h));
+        }
         tokio::time::advance(Duration::from_millis(10_001)).await;
         assert!(!h.is_ejected(Instant::now()));
         // Failing again at once: the second ejection lasts twice as long.
         for _ in 0..3 {
-            h.failure(&policy, Instant::now());
+            fail(&h);
         }
         tokio::time::advance(Duration::from_secs(15)).await;
         assert!(h.is_ejected(Instant::now()));
         tokio::time::advance(Duration::from_secs(6)).await;
         assert!(!h.is_ejected(Instant::now()));
-        // Threshold 0 disables ejection.
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn off_capped_and_saturating() {
         let off = EjectionPolicy {
             consecutive_failures: 0,
-            ..policy
+            base: Duration::from_secs(10),
         };
         let h = EndpointHealth::default();
         for _ in 0..10 {
-            assert!(!h.failure(&off, Instant::now()));
+            assert!(!h.failure(&off, Instant::now(), true));
         }
         assert!(!h.is_ejected(Instant::now()));
+        // A pool at its ejection cap ejects no more.
+        let policy = EjectionPolicy {
+            consecutive_failures: 3,
+            ..off
+        };
+        for _ in 0..10 {
+            assert!(!h.failure(&policy, Instant::now(), false));
+        }
+        assert!(!h.is_ejected(Instant::now()));
+        // A huge base saturates instead of panicking.
+        let long = EjectionPolicy {
+            consecutive_failures: 1,
+            base: Duration::MAX,
+        };
+        let h = EndpointHealth::default();
+        assert!(h.failure(&long, Instant::now(), true));
+        assert!(h.is_ejected(Instant::now()));
+        assert_eq!((max_ejected(3), max_ejected(10), max_ejected(25)), (1, 1, 2));
     }
 }

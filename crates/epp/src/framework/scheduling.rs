@@ -28,7 +28,7 @@ pub struct SchedulingRequest<'a> {
     pub request_id: &'a str,
     /// The model named in the body.
     pub model: &'a str,
-    /// The model the request will be served as (after `x-gateway-model-name-rewrite`).
+    /// The model the request will be served as (after `x-llm-d-model-name-rewrite` or its alias `x-gateway-model-name-rewrite`).
     pub target_model: &'a str,
     /// The bytes the prefix index hashes (see [`crate::request::ParsedBody::prefix_input`]).
     pub prefix_input: &'a [u8],

@@ -164,7 +164,7 @@ pub mod v1alpha2 {
         pub failure_mode: Option<String>,
     }
 
-    /// How important requests naming this objective are (`x-gateway-inference-objective`).
+    /// How important requests naming this objective are (`x-llm-d-inference-objective`, or its alias `x-gateway-inference-objective`).
     #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
     #[kube(
         group = "inference.networking.x-k8s.io",

@@ -67,6 +67,21 @@ impl BoundedLabel {
         OVERFLOW.to_owned()
     }
 
+    /// The value to report for `value` without admitting it: itself when admitted, else
+    /// [`OVERFLOW`].
+    pub fn known(&self, value: &str) -> String {
+        if self.is_admitted(value) {
+            value.to_owned()
+        } else {
+            OVERFLOW.to_owned()
+        }
+    }
+
+    /// The admitted values.
+    pub fn values(&self) -> Vec<String> {
+        self.admitted.load().iter().map(|v| v.to_string()).collect()
+    }
+
     /// Counts one request reported under [`OVERFLOW`].
     pub fn count_overflow(&self) {
         self.overflowed.inc();
@@ -95,6 +110,13 @@ mod tests {
         l.count_overflow();
         assert_eq!(overflowed.get(), 1);
         assert!(l.is_admitted("b") && !l.is_admitted("c"));
+        assert_eq!(
+            (l.known("a"), l.known("zz")),
+            ("a".to_owned(), OVERFLOW.to_owned())
+        );
+        let mut v = l.values();
+        v.sort();
+        assert_eq!(v, ["a", "b"]);
     }
 
     #[test]

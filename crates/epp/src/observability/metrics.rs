@@ -12,7 +12,7 @@
 //! [`BoundedLabel`]; series keyed by an endpoint (the pick counter) are removed at the first
 //! scrape after the endpoint left the pool.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -146,9 +146,11 @@ pub struct EppMetrics {
     scheduler_e2e: Histogram,
     plugin_duration: HistogramFamily<PluginLabels>,
     attempts: Family<AttemptLabels, Counter>,
-    /// The pick counter's series, to remove those of endpoints that left.
-    attempt_series: ArcSwap<HashSet<AttemptLabels>>,
-    attempt_insert: Mutex<()>,
+    /// Endpoints (name, port) with pick-counter series, to remove those that left.
+    picked: ArcSwap<HashSet<(Arc<str>, u16)>>,
+    /// Endpoints that left, with how many more prunes remove their series again (a pick
+    /// routed just before the departure may recreate one).
+    departed: Mutex<HashMap<(Arc<str>, u16), u8>>,
     models: BoundedLabel,
     store: Arc<EndpointStore>,
 }
@@ -299,8 +301,8 @@ impl EppMetrics {
             scheduler_e2e,
             plugin_duration,
             attempts,
-            attempt_series: ArcSwap::from_pointee(HashSet::new()),
-            attempt_insert: Mutex::new(()),
+            picked: ArcSwap::from_pointee(HashSet::new()),
+            departed: Mutex::new(HashMap::new()),
             models,
             store,
         }
@@ -317,10 +319,21 @@ impl EppMetrics {
 }
 
 impl EppMetrics {
+    /// Labels for a request being routed: a new model name is admitted while the cap allows.
     fn model_labels(&self, r: &RequestRecord) -> ModelLabels {
         ModelLabels {
             model_name: self.models.value(&r.model),
             target_model_name: self.models.value(&r.target_model),
+        }
+    }
+
+    /// Labels for a request that ended: names are not admitted here (a refused request must not
+    /// take a slot); admitted ones stay admitted, so the gauge is decremented under the label it
+    /// was incremented with.
+    fn known_labels(&self, r: &RequestRecord) -> ModelLabels {
+        ModelLabels {
+            model_name: self.models.known(&r.model),
+            target_model_name: self.models.known(&r.target_model),
         }
     }
 
@@ -330,42 +343,66 @@ impl EppMetrics {
         }
     }
 
-    fn count_pick(&self, labels: AttemptLabels) {
+    /// Counts a pick. The set of picked endpoints is read lock-free; the lock is taken only when
+    /// an endpoint gets its first pick, which is also when departed endpoints are pruned (so a
+    /// picker nobody scrapes stays bounded under churn).
+    fn count_pick(&self, labels: AttemptLabels, endpoint: &crate::datalayer::Endpoint) {
         self.attempts.get_or_create(&labels).inc();
-        if !self.attempt_series.load().contains(&labels) {
-            let _inserting = self.attempt_insert.lock();
-            let mut next = HashSet::clone(&self.attempt_series.load());
-            next.insert(labels);
-            self.attempt_series.store(Arc::new(next));
+        let key = (endpoint.name.clone(), endpoint.address.port());
+        if !self.picked.load().contains(&key) {
+            let mut departed = self.departed.lock();
+            departed.remove(&key);
+            let mut next = HashSet::clone(&self.picked.load());
+            next.insert(key);
+            self.picked.store(Arc::new(next));
+            self.prune_locked(&mut departed);
         }
     }
 
-    /// Removes pick-counter series whose endpoint (name and port) left the pool.
+    /// Removes pick-counter series of endpoints (name and port) that left the pool.
     fn prune_departed(&self) {
+        let mut departed = self.departed.lock();
+        self.prune_locked(&mut departed);
+    }
+
+    fn prune_locked(&self, departed: &mut HashMap<(Arc<str>, u16), u8>) {
         let snapshot = self.store.load();
-        let live: HashSet<(&str, String)> = snapshot
+        let live: HashSet<(&str, u16)> = snapshot
             .endpoints()
             .iter()
-            .map(|e| (&*e.endpoint.name, e.endpoint.address.port().to_string()))
+            .map(|e| (&*e.endpoint.name, e.endpoint.address.port()))
             .collect();
-        let series = self.attempt_series.load();
-        let departed = |l: &AttemptLabels| {
-            l.status == "success" && !live.contains(&(l.pod_name.as_str(), l.port.clone()))
-        };
-        if !series.iter().any(departed) {
+        let picked = self.picked.load();
+        if picked.iter().any(|(n, p)| !live.contains(&(&**n, *p))) {
+            let mut next = HashSet::with_capacity(picked.len());
+            for key in picked.iter() {
+                if live.contains(&(&*key.0, key.1)) {
+                    next.insert(key.clone());
+                } else {
+                    departed.insert(key.clone(), 3);
+                }
+            }
+            self.picked.store(Arc::new(next));
+        }
+        if departed.is_empty() {
             return;
         }
-        let _inserting = self.attempt_insert.lock();
-        let current = self.attempt_series.load();
-        let mut next = HashSet::with_capacity(current.len());
-        for l in current.iter() {
-            if departed(l) {
-                self.attempts.remove(l);
-            } else {
-                next.insert(l.clone());
+        let mut models = self.models.values();
+        models.push(OVERFLOW.to_owned());
+        models.push(String::new());
+        departed.retain(|(name, port), left| {
+            for m in &models {
+                self.attempts.remove(&AttemptLabels {
+                    status: "success".into(),
+                    target_model_name: m.clone(),
+                    pod_name: name.to_string(),
+                    namespace: self.namespace.clone(),
+                    port: port.to_string(),
+                });
             }
-        }
-        self.attempt_series.store(Arc::new(next));
+            *left -= 1;
+            *left > 0
+        });
     }
 }
 
@@ -383,19 +420,21 @@ impl RequestObserver for EppMetrics {
             })
             .inc();
         if let Some(ep) = &r.primary {
-            self.count_pick(AttemptLabels {
-                status: "success".into(),
-                target_model_name: labels.target_model_name.clone(),
-                pod_name: ep.name.to_string(),
-                namespace: self.namespace.clone(),
-                port: ep.address.port().to_string(),
-            });
+            self.count_pick(
+                AttemptLabels {
+                    status: "success".into(),
+                    target_model_name: labels.target_model_name.clone(),
+                    pod_name: ep.name.to_string(),
+                    namespace: self.namespace.clone(),
+                    port: ep.address.port().to_string(),
+                },
+                ep,
+            );
         }
     }
 
     fn finished(&self, r: &RequestRecord) {
-        // Admitted values stay admitted, so a request reports the label it was routed with.
-        let labels = self.model_labels(r);
+        let labels = self.known_labels(r);
         if r.destinations.is_some() {
             self.running_requests
                 .get_or_create(&RunningLabels {
@@ -427,7 +466,7 @@ impl RequestObserver for EppMetrics {
                     error_code: code.to_owned(),
                 })
                 .inc();
-            if status == 429 || status == 503 {
+            if r.scheduling_failed && (status == 429 || status == 503) {
                 self.attempts
                     .get_or_create(&AttemptLabels {
                         status: "failure".into(),

@@ -3,10 +3,11 @@
 //!
 //! Every buffered body byte is charged to one process-wide budget (`--max-buffered-body-bytes`)
 //! through a [`Lease`] its stream holds until the body is handed to the gateway (or the stream
-//! ends). A stream whose request headers carry `Content-Length` reserves the whole body up
-//! front, so once admitted it is never cut off; a stream without one (chunked) is charged chunk
-//! by chunk. A charge that does not fit is refused, and only that stream is answered (503),
-//! while streams already admitted go on. The counter is one atomic: no lock on the request
+//! ends). Bytes are charged as they arrive: a declared `Content-Length` is only checked against
+//! what is free when the headers come (a body that could not fit is refused before any byte is
+//! kept), never reserved, because a client could otherwise hold the whole budget with headers
+//! alone. A charge that does not fit refuses that one stream (503); every other stream, and
+//! every body already handed on, goes on. The counter is one atomic: no lock on the request
 //! path.
 
 use std::sync::Arc;
@@ -82,6 +83,16 @@ impl Lease {
         }
     }
 
+    /// Whether `bytes` in all could be covered now (nothing is charged).
+    pub fn could_cover(&self, bytes: usize) -> bool {
+        bytes <= self.held
+            || self
+                .budget
+                .used()
+                .checked_add(bytes - self.held)
+                .is_some_and(|total| total <= self.budget.limit)
+    }
+
     /// The budget's limit in bytes.
     pub fn budget_limit(&self) -> usize {
         self.budget.limit
@@ -127,6 +138,9 @@ mod tests {
         assert_eq!(budget.used(), 40);
         b.release();
         assert_eq!(budget.used(), 0);
-        assert!(!Lease::new(budget).cover(101));
+        assert!(!Lease::new(budget.clone()).cover(101));
+        assert!(Lease::new(budget.clone()).could_cover(100));
+        assert!(!Lease::new(budget.clone()).could_cover(101));
+        assert_eq!(budget.used(), 0, "checking charges nothing");
     }
 }

@@ -53,6 +53,15 @@ fn immediate(status: u16, code: &'static str, err: &dyn std::fmt::Display) -> Er
 }
 
 impl StreamError {
+    /// Whether the request reached scheduling and no endpoint could take it (the pick
+    /// counter's `failure`): no candidates, a scheduling error, or shedding.
+    pub fn is_scheduling_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::Director(DirectorError::NoCandidates | DirectorError::Scheduling(_) | DirectorError::Shed)
+        )
+    }
+
     /// How this error is answered.
     pub fn answer(&self) -> ErrorAnswer {
         match self {

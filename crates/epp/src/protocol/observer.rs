@@ -16,7 +16,7 @@ pub struct RequestRecord {
     pub model: String,
     /// Model served (after rewrite).
     pub target_model: String,
-    /// `x-gateway-inference-objective`.
+    /// The objective header (`x-llm-d-inference-objective`, or its alias `x-gateway-inference-objective`).
     pub objective: Option<String>,
     /// Destination list sent to the gateway.
     pub destinations: Option<String>,
@@ -32,6 +32,9 @@ pub struct RequestRecord {
     pub usage: Option<Usage>,
     /// Local reply sent instead of routing: status and reference code.
     pub error: Option<(u16, &'static str)>,
+    /// Whether the error (if any) came from scheduling: no candidates, a scheduling error or
+    /// shedding, not a bad request, the body budget or a dispatch outcome.
+    pub scheduling_failed: bool,
     /// The response's `:status`, once response headers arrived.
     pub response_status: Option<u16>,
     /// Whether the response was an SSE stream.
@@ -57,6 +60,7 @@ impl RequestRecord {
             response_bytes: 0,
             usage: None,
             error: None,
+            scheduling_failed: false,
             response_status: None,
             streaming: false,
             response_complete: false,

@@ -191,6 +191,7 @@ impl ExtProcStream {
             ErrorAnswer::Immediate { status, code, body } => {
                 tracing::debug!(request_id = %self.record.request_id, status, code, error = %err, "request refused");
                 self.record.error = Some((status, code));
+                self.record.scheduling_failed = err.is_scheduling_failure();
                 out.push(wire::immediate(status, body));
                 Step::Close
             }
@@ -243,7 +244,9 @@ impl ExtProcStream {
             self.routed(&mut decision);
             return Ok(Step::Continue);
         }
-        // A declared length is reserved whole, so that an admitted body is never cut off.
+        // A declared length is checked now, before any byte is kept: above the body limit it is
+        // a 413, and one that could not fit in the budget as it stands is refused at once. It is
+        // not reserved: a client could otherwise hold the budget with headers alone.
         let declared = self
             .info
             .as_ref()
@@ -254,7 +257,11 @@ impl ExtProcStream {
             if len > limit {
                 return Err(DirectorError::Request(RequestError::BodyTooLarge { limit }).into());
             }
-            self.reserve(len)?;
+            if !self.lease.could_cover(len) {
+                return Err(StreamError::BodyBudget {
+                    limit: self.lease.budget_limit(),
+                });
+            }
         }
         match self.request_mode {
             BodySendMode::FullDuplexStreamed => self.phase = Phase::CollectingBody,
@@ -676,7 +683,8 @@ fn headers_of(map: Option<HeaderMap>) -> RequestHeaders {
 }
 
 /// The subset hint: absent namespace or key (or not a list) → all endpoints; a list → only
-/// the IPs it names (an empty or unparseable list allows none).
+/// the endpoints its entries name ([`SubsetEntry`]: with a port that endpoint, without one every
+/// port of the IP); an empty or unparseable list allows none.
 fn subset_from(ns: Option<&Struct>) -> Subset {
     let Some(list) = ns
         .and_then(|s| s.fields.get(keys::DESTINATION_SUBSET))

@@ -37,9 +37,16 @@ struct Envelope {
     #[serde(default)]
     usage: Option<Value>,
     /// Responses-API stream events (`response.completed`, `response.incomplete`,
-    /// `response.failed`) nest the response, and its usage, here.
+    /// `response.failed`) nest the response, and its usage, here. Only `usage` is kept: the
+    /// rest of the nested response is skipped, not built.
     #[serde(default)]
-    response: Option<Value>,
+    response: Option<Nested>,
+}
+
+#[derive(Deserialize)]
+struct Nested {
+    #[serde(default)]
+    usage: Option<Value>,
 }
 
 /// A token count: a JSON integer (or an integral number such as `12.0`) in `0..=MAX_TOKENS`.
@@ -64,7 +71,7 @@ pub fn usage_of(json: &[u8]) -> Option<Usage> {
     let u = env
         .usage
         .filter(Value::is_object)
-        .or_else(|| env.response?.get("usage").filter(|u| u.is_object()).cloned())?;
+        .or_else(|| env.response?.usage.filter(Value::is_object))?;
     let cached = ["prompt_tokens_details", "input_tokens_details"]
         .iter()
         .find_map(|k| u.get(*k).and_then(|d| count(d, &["cached_tokens"])));

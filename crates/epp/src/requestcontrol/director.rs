@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::datalayer::health::EjectionPolicy;
+use crate::datalayer::health::{EjectionPolicy, max_ejected};
 use crate::datalayer::{Endpoint, EndpointState, EndpointStore, Snapshot};
 use crate::framework::data::CycleState;
 use crate::framework::plugin::{Named, PluginObserver};
@@ -329,7 +329,8 @@ impl Director {
     }
 
     /// The endpoints a request may go to, numbered as the cycle's candidates: those the
-    /// subset hint allows, and of those the ones with fresh metrics if there are any.
+    /// subset hint allows; of those the ones not ejected for failures, if there are any; and of
+    /// those the ones with fresh metrics, if there are any.
     fn allowed<'s>(
         &self,
         endpoints: &'s [EndpointState],
@@ -354,11 +355,13 @@ impl Director {
                     .map(|(index, state)| Candidate { state, index }),
             ),
         }
-        if let Some(staleness) = self.config.staleness {
-            keep_if_any(&mut allowed, |c| c.metrics().is_fresh(now, staleness));
-        }
+        // Ejected first: an endpoint known to fail requests is worse than one whose load is
+        // unknown.
         if self.config.ejection.consecutive_failures > 0 {
             keep_if_any(&mut allowed, |c| !c.state.health().is_ejected(now));
+        }
+        if let Some(staleness) = self.config.staleness {
+            keep_if_any(&mut allowed, |c| c.metrics().is_fresh(now, staleness));
         }
         allowed
     }
@@ -371,7 +374,14 @@ impl Director {
             return;
         };
         if status >= 500 {
-            if state.health().failure(&self.config.ejection, Instant::now()) {
+            let now = Instant::now();
+            let ejected = snapshot
+                .endpoints()
+                .iter()
+                .filter(|e| e.health().is_ejected(now))
+                .count();
+            let may_eject = ejected < max_ejected(snapshot.endpoints().len());
+            if state.health().failure(&self.config.ejection, now, may_eject) {
                 tracing::warn!(
                     endpoint = %address,
                     consecutive = self.config.ejection.consecutive_failures,

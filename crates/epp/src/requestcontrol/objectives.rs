@@ -1,6 +1,6 @@
 //! InferenceObjective priorities: the request's priority comes from the objective named by
-//! `x-gateway-inference-objective`, looked up by name as the reference does; none or an
-//! unknown one is 0. Priority < 0 is sheddable.
+//! `x-llm-d-inference-objective` (or its alias `x-gateway-inference-objective`), looked up by
+//! name as the reference does; none or an unknown one is 0. Priority < 0 is sheddable.
 
 use std::collections::HashMap;
 use std::sync::Arc;

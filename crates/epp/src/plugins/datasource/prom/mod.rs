@@ -347,20 +347,26 @@ impl EngineMetrics {
                             return None;
                         }
                         let family = format!("{}{{{label_name}}}", spec.name);
-                        figures::combine(values, check, how, |value, reason| {
+                        Some(figures::combine(values, check, how, |value, reason| {
                             refused.push(Refused {
                                 family: family.clone(),
                                 reason,
                                 value,
                             })
-                        })
-                        .ok()
-                        .flatten()
+                        }))
                     };
                     // Every engine of one server pages with one block size; blocks add up.
-                    m.cache_block_size =
-                        one(block_size_label, figures::block_size, Combine::Max).map(|v| v as u32);
-                    m.cache_num_blocks = one(num_blocks_label, blocks, Combine::Sum).map(|v| v as u64);
+                    // A missing label leaves the figure unknown; a refused one keeps the previous.
+                    match one(block_size_label, figures::block_size, Combine::Max) {
+                        None => m.cache_block_size = None,
+                        Some(Ok(v)) => m.cache_block_size = v.map(|v| v as u32),
+                        Some(Err(_)) => {}
+                    }
+                    match one(num_blocks_label, blocks, Combine::Sum) {
+                        None => m.cache_num_blocks = None,
+                        Some(Ok(v)) => m.cache_num_blocks = v.map(|v| v as u64),
+                        Some(Err(_)) => {}
+                    }
                     found = true;
                 }
             }
@@ -453,8 +459,8 @@ struct Sample<'a> {
 }
 
 impl<'a> Sample<'a> {
-    /// Parses a sample line of the text exposition format; `None` if malformed or the value
-    /// is not a finite number.
+    /// Parses a sample line of the text exposition format; `None` if malformed. `NaN` and
+    /// `±Inf` are read as such, for the range checks to refuse and count.
     fn parse(line: &'a str) -> Option<Self> {
         let line = line.trim();
         let name_end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
@@ -543,9 +549,10 @@ fn adapters(s: Option<&str>) -> Vec<Arc<str>> {
 
 /// The current LoRA state: the series with the largest value.
 fn lora_info(samples: &[Sample<'_>], spec: &MetricSpec) -> Option<LoraInfo> {
+    // NaN or infinite values (which the parser now reads) never make a series the latest.
     let latest = samples
         .iter()
-        .filter(|s| spec.matches(s))
+        .filter(|s| spec.matches(s) && s.value.is_finite())
         .max_by(|a, b| a.value.total_cmp(&b.value))?;
     Some(LoraInfo {
         active: adapters(latest.label("running_lora_adapters")),
@@ -558,255 +565,4 @@ fn lora_info(samples: &[Sample<'_>], spec: &MetricSpec) -> Option<LoraInfo> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/vllm-0.32-cpu");
-
-    fn read(name: &str) -> String {
-        std::fs::read_to_string(format!("{FIXTURES}/{name}")).unwrap()
-    }
-
-    fn vllm() -> EngineMetrics {
-        EngineMetrics::builtin("vllm").unwrap()
-    }
-
-    #[test]
-    fn spec_syntax() {
-        assert_eq!(MetricSpec::parse("").unwrap(), None);
-        let s = MetricSpec::parse(" nv_trt_llm_request_metrics{request_type=waiting, x=\"y\"} ")
-            .unwrap()
-            .unwrap();
-        assert_eq!(s.name, "nv_trt_llm_request_metrics");
-        assert_eq!(
-            s.labels,
-            vec![
-                ("request_type".into(), "waiting".into()),
-                ("x".into(), "y".into())
-            ]
-        );
-        assert!(MetricSpec::parse("m{a=b").is_err());
-        assert!(MetricSpec::parse("m{a=b}x").is_err());
-        assert!(MetricSpec::parse("m{ab}").is_err());
-        assert!(MetricSpec::parse("bad name").is_err());
-    }
-
-    #[test]
-    fn real_vllm_pages() {
-        let now = Instant::now();
-        let idle = vllm()
-            .extract(
-                &read("metrics_idle.txt"),
-                &Metrics::default(),
-                now,
-                &mut Vec::new(),
-            )
-            .unwrap();
-        assert_eq!((idle.waiting_queue, idle.running), (0, 0));
-        assert_eq!(idle.cache_block_size, Some(32));
-        assert_eq!(idle.cache_num_blocks, Some(128));
-        assert_eq!(idle.updated_at, Some(now));
-
-        let busy = vllm()
-            .extract(
-                &read("metrics_busy.txt"),
-                &Metrics::default(),
-                now,
-                &mut Vec::new(),
-            )
-            .unwrap();
-        assert_eq!((busy.waiting_queue, busy.running), (12, 8));
-        assert!((busy.kv_cache_usage - 0.850_393_700_787_401_6).abs() < 1e-12);
-
-        let after = vllm()
-            .extract(&read("metrics_after.txt"), &busy, now, &mut Vec::new())
-            .unwrap();
-        assert_eq!((after.waiting_queue, after.running), (0, 0));
-        // No LoRA family on this server: LoRA info stays as it was (empty).
-        assert_eq!(after.lora, LoraInfo::default());
-    }
-
-    #[test]
-    fn real_lora_pages_take_the_latest_series() {
-        let now = Instant::now();
-        let busy = vllm()
-            .extract(
-                &read("variant_lora/metrics_busy.txt"),
-                &Metrics::default(),
-                now,
-                &mut Vec::new(),
-            )
-            .unwrap();
-        assert_eq!(busy.lora.max_active, 2);
-        assert_eq!(busy.lora.active, vec![Arc::<str>::from("tiny-lora")]);
-        let after = vllm()
-            .extract(
-                &read("variant_lora/metrics_after.txt"),
-                &busy,
-                now,
-                &mut Vec::new(),
-            )
-            .unwrap();
-        // After the burst the newest series has empty adapter lists: nothing is running.
-        assert!(after.lora.active.is_empty(), "{:?}", after.lora);
-        assert_eq!(after.lora.max_active, 2);
-        for name in [
-            "variant_lora/metrics_idle.txt",
-            "variant_lora/metrics_after_reset.txt",
-        ] {
-            assert!(
-                vllm()
-                    .extract(&read(name), &Metrics::default(), now, &mut Vec::new())
-                    .is_some(),
-                "{name}"
-            );
-        }
-    }
-
-    #[test]
-    fn old_vllm_kv_name_is_a_fallback() {
-        let page =
-            "# TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc{model_name=\"m\"} 0.25\n";
-        let m = vllm()
-            .extract(page, &Metrics::default(), Instant::now(), &mut Vec::new())
-            .unwrap();
-        assert_eq!(m.kv_cache_usage, 0.25);
-    }
-
-    #[test]
-    fn other_engines() {
-        let page = "\
-# TYPE nv_trt_llm_request_metrics gauge
-nv_trt_llm_request_metrics{model=\"m\",request_type=\"scheduled\"} 3
-nv_trt_llm_request_metrics{model=\"m\",request_type=\"waiting\"} 7
-# TYPE nv_trt_llm_kv_cache_block_metrics gauge
-nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"fraction\"} 0.5
-nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"tokens_per\"} 64
-nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"max\"} 1000
-";
-        let m = EngineMetrics::builtin("triton-tensorrt-llm")
-            .unwrap()
-            .extract(page, &Metrics::default(), Instant::now(), &mut Vec::new())
-            .unwrap();
-        assert_eq!((m.waiting_queue, m.running, m.kv_cache_usage), (7, 3, 0.5));
-        assert_eq!((m.cache_block_size, m.cache_num_blocks), (Some(64), Some(1000)));
-        let page = "sglang:num_queue_reqs 4\nsglang:num_running_reqs 2\nsglang:token_usage 0.3\nsglang:cache_config_info{page_size=\"16\",num_pages=\"900\"} 1\n";
-        let m = EngineMetrics::builtin("sglang")
-            .unwrap()
-            .extract(page, &Metrics::default(), Instant::now(), &mut Vec::new())
-            .unwrap();
-        assert_eq!((m.waiting_queue, m.running), (4, 2));
-        assert_eq!((m.cache_block_size, m.cache_num_blocks), (Some(16), Some(900)));
-    }
-
-    #[test]
-    fn sample_lines() {
-        let s = Sample::parse(r#"m:x_total{a="1",b="q\"}\\ z",c=""} 2.5e+00 1700000000"#).unwrap();
-        assert_eq!(s.name, "m:x_total");
-        assert_eq!(s.label("b"), Some("q\"}\\ z"));
-        assert_eq!(s.label("c"), Some(""));
-        assert_eq!(s.value, 2.5);
-        assert_eq!(Sample::parse("up 1").unwrap().value, 1.0);
-        assert!(Sample::parse("up NaN").unwrap().value.is_nan());
-        assert_eq!(Sample::parse("up -Inf").unwrap().value, f64::NEG_INFINITY);
-        assert!(Sample::parse(r#"m{a="1" 2"#).is_none());
-        assert!(Sample::parse("m{a=1} 2").is_none());
-    }
-
-    #[test]
-    fn out_of_range_figures_are_refused_and_series_combined() {
-        let now = Instant::now();
-        // Another accelerator backend's vLLM: negative KV use. The KV figure is taken as full,
-        // so the pod is never preferred for it; the queue still updates.
-        let mut refused = Vec::new();
-        let m = vllm()
-            .extract(
-                "vllm:kv_cache_usage_perc{model_name=\"m\"} -0.3875\nvllm:num_requests_waiting 2\n",
-                &Metrics::default(),
-                now,
-                &mut refused,
-            )
-            .unwrap();
-        assert_eq!((m.kv_cache_usage, m.waiting_queue), (1.0, 2));
-        assert_eq!(
-            refused,
-            vec![Refused {
-                family: "vllm:kv_cache_usage_perc".into(),
-                reason: Rejection::Negative,
-                value: -0.3875
-            }]
-        );
-        // NaN and infinite counts keep the previous figure.
-        let before = Metrics {
-            waiting_queue: 5,
-            running: 3,
-            ..Metrics::default()
-        };
-        let mut refused = Vec::new();
-        let m = vllm()
-            .extract(
-                "vllm:num_requests_waiting NaN\nvllm:num_requests_running +Inf\nvllm:kv_cache_usage_perc 1.5\n",
-                &before,
-                now,
-                &mut refused,
-            )
-            .unwrap();
-        assert_eq!((m.waiting_queue, m.running, m.kv_cache_usage), (5, 3, 1.0));
-        let reasons: Vec<_> = refused.iter().map(|r| r.reason).collect();
-        assert_eq!(
-            reasons,
-            [Rejection::NotANumber, Rejection::Infinite, Rejection::AboveOne]
-        );
-        // Data-parallel engines: counts add, utilisation takes the largest, blocks add up.
-        let page = "\
-vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 2
-vllm:num_requests_waiting{engine=\"1\",model_name=\"m\"} 5
-vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 1
-vllm:num_requests_running{engine=\"1\",model_name=\"m\"} 4
-vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.2
-vllm:kv_cache_usage_perc{engine=\"1\",model_name=\"m\"} 0.6
-vllm:cache_config_info{block_size=\"16\",engine=\"0\",num_gpu_blocks=\"100\"} 1
-vllm:cache_config_info{block_size=\"16\",engine=\"1\",num_gpu_blocks=\"120\"} 1
-";
-        let mut refused = Vec::new();
-        let m = vllm()
-            .extract(page, &Metrics::default(), now, &mut refused)
-            .unwrap();
-        assert!(refused.is_empty(), "{refused:?}");
-        assert_eq!((m.waiting_queue, m.running, m.kv_cache_usage), (7, 5, 0.6));
-        assert_eq!((m.cache_block_size, m.cache_num_blocks), (Some(16), Some(220)));
-        // Whatever the order of the series.
-        let reversed: String = page.lines().rev().map(|l| format!("{l}\n")).collect();
-        let r = vllm()
-            .extract(&reversed, &Metrics::default(), now, &mut Vec::new())
-            .unwrap();
-        assert_eq!(r, m);
-        // Bad cache geometry is refused, not stored.
-        let mut refused = Vec::new();
-        let m = vllm()
-            .extract(
-                "vllm:cache_config_info{block_size=\"0\",num_gpu_blocks=\"-4\"} 1\n",
-                &Metrics::default(),
-                now,
-                &mut refused,
-            )
-            .unwrap();
-        assert_eq!((m.cache_block_size, m.cache_num_blocks), (None, None));
-        assert_eq!(refused.len(), 2);
-        assert_eq!(refused[0].family, "vllm:cache_config_info{block_size}");
-    }
-
-    #[test]
-    fn a_page_without_any_configured_series_is_not_an_update() {
-        assert!(
-            vllm()
-                .extract("up 1\n", &Metrics::default(), Instant::now(), &mut Vec::new())
-                .is_none()
-        );
-        assert!(
-            vllm()
-                .extract("", &Metrics::default(), Instant::now(), &mut Vec::new())
-                .is_none()
-        );
-    }
-}
+mod tests;
