@@ -62,7 +62,9 @@ fn headers(h: &[(u8, String)]) -> Option<HeaderMap> {
         headers: h
             .iter()
             .map(|(n, v)| HeaderValue {
-                key: NAMES.get(usize::from(*n)).map_or_else(|| format!("x-{n}"), |s| (*s).to_owned()),
+                key: NAMES
+                    .get(usize::from(*n))
+                    .map_or_else(|| format!("x-{n}"), |s| (*s).to_owned()),
                 value: String::new(),
                 raw_value: v.as_bytes().to_vec(),
             })
@@ -116,7 +118,9 @@ fn world() -> &'static World {
     static WORLD: OnceLock<World> = OnceLock::new();
     WORLD.get_or_init(|| {
         let config = EndpointPickerConfig::builtin_default().expect("the built-in config loads");
-        let plugins = config.build(&Defaults::builtin(), Some(7)).expect("the built-in config builds");
+        let plugins = config
+            .build(&Defaults::builtin(), Some(7))
+            .expect("the built-in config builds");
         let store = Arc::new(EndpointStore::with_hooks(plugins.store_hooks.clone()));
         store.set_endpoints(
             ["10.0.0.1:8000", "10.0.0.1:8001", "[fd00::2]:8000"]
@@ -198,7 +202,10 @@ fuzz_target!(|input: Input| {
             out.clear();
             let step = stream.handle(msg, &mut out);
             for answer in &out {
-                assert!(answer.response.is_some(), "an answer without a response: {answer:?}");
+                assert!(
+                    answer.response.is_some(),
+                    "an answer without a response: {answer:?}"
+                );
             }
             match step {
                 Step::Continue => {}
@@ -206,5 +213,9 @@ fuzz_target!(|input: Input| {
             }
         }
     }
-    assert_eq!(w.budget.used(), 0, "a finished stream returned its share of the budget");
+    assert_eq!(
+        w.budget.used(),
+        0,
+        "a finished stream returned its share of the budget"
+    );
 });

@@ -18,7 +18,11 @@ fuzz_target!(|data: &[u8]| {
         };
         let mut refused = Vec::new();
         if let Some(m) = mapping.extract(text, &Metrics::default(), now, &mut refused) {
-            assert!((0.0..=1.0).contains(&m.kv_cache_usage), "{engine}: {}", m.kv_cache_usage);
+            assert!(
+                (0.0..=1.0).contains(&m.kv_cache_usage),
+                "{engine}: {}",
+                m.kv_cache_usage
+            );
             if let Some(b) = m.cache_block_size {
                 assert!(b >= 1 && f64::from(b) <= MAX_BLOCK_SIZE, "{engine}: {b}");
             }

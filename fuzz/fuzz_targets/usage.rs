@@ -17,9 +17,14 @@ fuzz_target!(|data: &[u8]| {
     }
     let whole = usage_of(body);
     for u in [p.finish(), whole].into_iter().flatten() {
-        for n in [u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens]
-            .into_iter()
-            .flatten()
+        for n in [
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.total_tokens,
+            u.cached_tokens,
+        ]
+        .into_iter()
+        .flatten()
         {
             assert!(n <= MAX_TOKENS, "{n}");
         }
