@@ -14,6 +14,7 @@
 pub mod datasource;
 mod defaults;
 pub mod inflight;
+pub mod kvevents;
 pub mod prefix;
 pub mod saturation;
 pub mod scheduling;
