@@ -5,7 +5,6 @@
 //! answer.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -151,13 +150,12 @@ async fn failing_model_servers_are_avoided_and_every_request_is_answered() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     let r = send(&client, &envoy, 20, "after").await;
     assert!(r.iter().all(|(s, _)| *s == 200), "{r:?}");
-    let per: HashMap<_, usize> = r.iter().fold(HashMap::new(), |mut m, (_, s)| {
-        *m.entry(s.clone()).or_default() += 1;
-        m
-    });
+    // Every answer came from a healthy server (which one is the profile's choice: these prompts
+    // share a prefix).
     assert!(
-        per.len() == 2 && !per.contains_key(&Some(faulty.id.clone())),
-        "{per:?}"
+        r.iter()
+            .all(|(_, s)| s.as_deref().is_some_and(|s| healthy.iter().any(|h| h.id == s))),
+        "{r:?}"
     );
 
     // Nothing panicked: the picker is still the same process and says so.

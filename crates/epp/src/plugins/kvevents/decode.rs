@@ -31,9 +31,9 @@ pub struct BlockStored {
     pub block_hashes: Vec<BlockHash>,
     /// The hash of the block before the first; `None` at the root of a sequence.
     pub parent_block_hash: Option<BlockHash>,
-    /// The blocks' tokens: `block_size` per hash.
+    /// The blocks' tokens: exactly `block_size` per hash, or none when the engine sent none.
     pub token_ids: Vec<u32>,
-    /// Tokens per block.
+    /// Tokens per block (≥ 1).
     pub block_size: u32,
     /// LoRA adapter id, when the blocks belong to one.
     pub lora_id: Option<i64>,
@@ -197,7 +197,18 @@ fn event(v: &Value) -> Result<KvEvent, DecodeError> {
             let block_size = get("block_size")
                 .and_then(Value::as_u64)
                 .and_then(|b| u32::try_from(b).ok())
-                .ok_or_else(|| shape("BlockStored without a block_size"))?;
+                .filter(|b| *b > 0)
+                .ok_or_else(|| shape("BlockStored without a positive block_size"))?;
+            // vLLM sends exactly `block_size` tokens per hash; anything else cannot be keyed.
+            if !token_ids.is_empty()
+                && token_ids.len() != block_hashes.len().saturating_mul(block_size as usize)
+            {
+                return Err(shape(format!(
+                    "BlockStored with {} tokens for {} blocks of {block_size}",
+                    token_ids.len(),
+                    block_hashes.len()
+                )));
+            }
             Ok(KvEvent::BlockStored(BlockStored {
                 block_hashes,
                 parent_block_hash: get("parent_block_hash").map(hash).transpose()?,
