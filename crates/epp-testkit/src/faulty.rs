@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-const PAGE: &str = include_str!("../../../fixtures/vllm-0.32-cpu/metrics_idle.txt");
+use crate::model_server::vllm_page;
 
 /// How `/metrics` answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,28 +77,6 @@ pub struct FaultyServer {
 
 type Shared = (Arc<Mutex<Faults>>, String);
 
-fn page(f: &Faults) -> String {
-    PAGE.lines()
-        .map(|l| {
-            if l.starts_with("vllm:num_requests_waiting{") {
-                format!(
-                    "vllm:num_requests_waiting{{engine=\"0\",model_name=\"tiny\"}} {}.0",
-                    f.waiting
-                )
-            } else if l.starts_with("vllm:kv_cache_usage_perc{") {
-                format!(
-                    "vllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"tiny\"}} {}",
-                    f.kv
-                )
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        + "\n"
-}
-
 /// A body that sends `first` and then fails, which makes hyper cut the connection.
 fn cut_after(first: String) -> Body {
     let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
@@ -121,7 +99,7 @@ async fn metrics(State((faults, _)): State<Shared>) -> Response {
         if f.gone {
             return gone();
         }
-        (f.metrics, page(&f))
+        (f.metrics, vllm_page(f.waiting, 0, f.kv))
     };
     match mode {
         MetricsFault::None => text.into_response(),

@@ -43,24 +43,16 @@ pub struct ModelServer {
     _stop: oneshot::Sender<()>,
 }
 
-fn page(load: &Load) -> String {
+/// The captured vLLM page with the waiting, running and KV figures replaced.
+pub fn vllm_page(waiting: u32, running: u32, kv: f64) -> String {
     PAGE.lines()
         .map(|l| {
             if l.starts_with("vllm:num_requests_waiting{") {
-                format!(
-                    "vllm:num_requests_waiting{{engine=\"0\",model_name=\"tiny\"}} {}.0",
-                    load.waiting
-                )
+                format!("vllm:num_requests_waiting{{engine=\"0\",model_name=\"tiny\"}} {waiting}.0")
             } else if l.starts_with("vllm:num_requests_running{") {
-                format!(
-                    "vllm:num_requests_running{{engine=\"0\",model_name=\"tiny\"}} {}.0",
-                    load.running
-                )
+                format!("vllm:num_requests_running{{engine=\"0\",model_name=\"tiny\"}} {running}.0")
             } else if l.starts_with("vllm:kv_cache_usage_perc{") {
-                format!(
-                    "vllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"tiny\"}} {}",
-                    load.kv
-                )
+                format!("vllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"tiny\"}} {kv}")
             } else {
                 l.to_owned()
             }
@@ -68,6 +60,10 @@ fn page(load: &Load) -> String {
         .collect::<Vec<_>>()
         .join("\n")
         + "\n"
+}
+
+fn page(load: &Load) -> String {
+    vllm_page(load.waiting, load.running, load.kv)
 }
 
 async fn metrics(State(load): State<Arc<Mutex<Load>>>) -> Response {

@@ -577,30 +577,25 @@ impl ExtProcStream {
     }
 
     fn response_headers(&mut self, h: &HttpHeaders) {
-        let sse = h.headers.as_ref().is_some_and(|m| {
-            m.headers.iter().any(|hv| {
-                hv.key.eq_ignore_ascii_case("content-type") && {
-                    let v: &[u8] = if hv.raw_value.is_empty() {
-                        hv.value.as_bytes()
-                    } else {
-                        &hv.raw_value
-                    };
-                    String::from_utf8_lossy(v).contains("text/event-stream")
-                }
-            })
-        });
+        // One pass over the headers for what the response path reads: the type and the status.
+        let mut sse = false;
+        let mut status = None;
+        for hv in h.headers.iter().flat_map(|m| &m.headers) {
+            let value: &[u8] = if hv.raw_value.is_empty() {
+                hv.value.as_bytes()
+            } else {
+                &hv.raw_value
+            };
+            if hv.key == ":status" {
+                status = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u16>().ok());
+            } else if hv.key.eq_ignore_ascii_case("content-type") {
+                sse |= memchr::memmem::find(value, b"text/event-stream").is_some();
+            }
+        }
         self.record.streaming = sse;
         self.usage = Some(UsageParser::new(sse));
-        let status = h.headers.as_ref().and_then(|m| {
-            m.headers.iter().find(|hv| hv.key == ":status").and_then(|hv| {
-                let v: &[u8] = if hv.raw_value.is_empty() {
-                    hv.value.as_bytes()
-                } else {
-                    &hv.raw_value
-                };
-                std::str::from_utf8(v).ok()?.trim().parse::<u16>().ok()
-            })
-        });
         self.record.response_status = status;
         // Passive health: the endpoint that served (as the gateway reports it), else the pick.
         if let (Some(status), Some(primary)) = (status, &self.record.primary) {

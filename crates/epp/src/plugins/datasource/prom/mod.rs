@@ -279,26 +279,13 @@ impl EngineMetrics {
         let mut m = previous.clone();
 
         // The combined, checked figure of `spec`: `None` without a series; `Some(Err)` refused.
-        let mut figure = |spec: &MetricSpec, check: fn(f64) -> Result<f64, Rejection>, how: Combine| {
-            let values: Vec<f64> = samples
-                .iter()
-                .filter(|s| spec.matches(s))
-                .map(|s| s.value)
-                .collect();
-            if values.is_empty() {
-                return None;
-            }
-            Some(figures::combine(values, check, how, |value, reason| {
-                refused.push(Refused {
-                    family: spec.name.clone(),
-                    reason,
-                    value,
-                })
-            }))
+        let mut figure = |spec: &MetricSpec, check: Check, how: Combine| {
+            let values = samples.iter().filter(|s| spec.matches(s)).map(|s| s.value);
+            checked(values, check, how, || spec.name.clone(), refused)
         };
         let counts = |v| figures::count(v, f64::from(u32::MAX));
         if let Some(r) = self.queued.as_ref().and_then(|s| figure(s, counts, Combine::Sum)) {
-            if let Ok(Some(v)) = r {
+            if let Ok(v) = r {
                 m.waiting_queue = v as u32;
             }
             found = true;
@@ -308,7 +295,7 @@ impl EngineMetrics {
             .as_ref()
             .and_then(|s| figure(s, counts, Combine::Sum))
         {
-            if let Ok(Some(v)) = r {
+            if let Ok(v) = r {
                 m.running = v as u32;
             }
             found = true;
@@ -319,10 +306,7 @@ impl EngineMetrics {
             .iter()
             .find_map(|s| figure(s, figures::fraction, Combine::Max))
         {
-            m.kv_cache_usage = match r {
-                Ok(Some(v)) => v,
-                _ => 1.0,
-            };
+            m.kv_cache_usage = r.unwrap_or(1.0);
             found = true;
         }
         if let Some(lora) = self.lora.as_ref().and_then(|spec| lora_info(&samples, spec)) {
@@ -341,30 +325,26 @@ impl EngineMetrics {
                     let label = |s: &Sample<'_>, l: &str| {
                         s.label(l).map(|v| v.trim().parse::<f64>().unwrap_or(f64::NAN))
                     };
-                    let mut one = |label_name: &str, check: fn(f64) -> Result<f64, Rejection>, how| {
-                        let values: Vec<f64> = series.iter().filter_map(|s| label(s, label_name)).collect();
-                        if values.is_empty() {
-                            return None;
-                        }
-                        let family = format!("{}{{{label_name}}}", spec.name);
-                        Some(figures::combine(values, check, how, |value, reason| {
-                            refused.push(Refused {
-                                family: family.clone(),
-                                reason,
-                                value,
-                            })
-                        }))
+                    let mut one = |label_name: &str, check: Check, how| {
+                        let values = series.iter().filter_map(|s| label(s, label_name));
+                        checked(
+                            values,
+                            check,
+                            how,
+                            || format!("{}{{{label_name}}}", spec.name),
+                            refused,
+                        )
                     };
                     // Every engine of one server pages with one block size; blocks add up.
                     // A missing label leaves the figure unknown; a refused one keeps the previous.
                     match one(block_size_label, figures::block_size, Combine::Max) {
                         None => m.cache_block_size = None,
-                        Some(Ok(v)) => m.cache_block_size = v.map(|v| v as u32),
+                        Some(Ok(v)) => m.cache_block_size = Some(v as u32),
                         Some(Err(_)) => {}
                     }
                     match one(num_blocks_label, blocks, Combine::Sum) {
                         None => m.cache_num_blocks = None,
-                        Some(Ok(v)) => m.cache_num_blocks = v.map(|v| v as u64),
+                        Some(Ok(v)) => m.cache_num_blocks = Some(v as u64),
                         Some(Err(_)) => {}
                     }
                     found = true;
@@ -378,13 +358,13 @@ impl EngineMetrics {
                     .as_ref()
                     .and_then(|s| figure(s, figures::block_size, Combine::Max))
                 {
-                    if let Ok(Some(v)) = r {
+                    if let Ok(v) = r {
                         m.cache_block_size = Some(v as u32);
                     }
                     found = true;
                 }
                 if let Some(r) = num_blocks.as_ref().and_then(|s| figure(s, blocks, Combine::Sum)) {
-                    if let Ok(Some(v)) = r {
+                    if let Ok(v) = r {
                         m.cache_num_blocks = Some(v as u64);
                     }
                     found = true;
@@ -398,6 +378,28 @@ impl EngineMetrics {
         m.updated_at = Some(now);
         Some(m)
     }
+}
+
+/// A range check of [`super::figures`].
+type Check = fn(f64) -> Result<f64, Rejection>;
+
+/// One checked figure from `values`: `None` without any, `Some(Err)` when refused. Each refused
+/// value is pushed to `refused` under the name `family` gives (built only then).
+fn checked(
+    values: impl IntoIterator<Item = f64>,
+    check: Check,
+    how: Combine,
+    family: impl Fn() -> String,
+    refused: &mut Vec<Refused>,
+) -> Option<Result<f64, Rejection>> {
+    figures::combine(values, check, how, |value, reason| {
+        refused.push(Refused {
+            family: family(),
+            reason,
+            value,
+        })
+    })
+    .transpose()
 }
 
 /// A scraped value not taken (see [`super::figures`]).
