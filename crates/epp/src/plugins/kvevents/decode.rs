@@ -46,6 +46,8 @@ pub struct BlockStored {
     pub extra_keys: Vec<Value>,
     /// KV-cache group (hybrid models).
     pub group_idx: Option<i64>,
+    /// The group's attention kind (`full_attention`, `sliding_window`, ...), when sent.
+    pub kv_cache_spec_kind: Option<String>,
 }
 
 /// One cache event.
@@ -136,7 +138,7 @@ pub fn decode_payload(mut payload: &[u8]) -> Result<(f64, Vec<KvEvent>, Option<i
 
 /// The fields of an event by name: from a map (`"type"` names it) or from the positional form.
 fn event(v: &Value) -> Result<KvEvent, DecodeError> {
-    const STORED: [&str; 9] = [
+    const STORED: [&str; 10] = [
         "block_hashes",
         "parent_block_hash",
         "token_ids",
@@ -146,6 +148,7 @@ fn event(v: &Value) -> Result<KvEvent, DecodeError> {
         "lora_name",
         "extra_keys",
         "group_idx",
+        "kv_cache_spec_kind",
     ];
     const REMOVED: [&str; 2] = ["block_hashes", "medium"];
     let (tag, fields): (&str, Vec<(&str, &Value)>) = match v {
@@ -222,6 +225,9 @@ fn event(v: &Value) -> Result<KvEvent, DecodeError> {
                     _ => Vec::new(),
                 },
                 group_idx: get("group_idx").and_then(Value::as_i64),
+                kv_cache_spec_kind: get("kv_cache_spec_kind")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
             }))
         }
         "BlockRemoved" => Ok(KvEvent::BlockRemoved {

@@ -5,31 +5,9 @@ use serde_json::Value as Json;
 
 use super::*;
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/vllm-0.32-cpu");
+use crate::plugins::kvevents::testing::FIXTURES;
 
-/// The messages of a capture: per message a u32be frame count, then per frame a u32be length
-/// and the bytes.
-fn messages(name: &str) -> Vec<Vec<Vec<u8>>> {
-    let raw = std::fs::read(format!("{FIXTURES}/{name}")).unwrap();
-    let u32be = |at: &mut usize| {
-        let v = u32::from_be_bytes(raw[*at..*at + 4].try_into().unwrap()) as usize;
-        *at += 4;
-        v
-    };
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < raw.len() {
-        let n = u32be(&mut at);
-        let mut frames = Vec::new();
-        for _ in 0..n {
-            let len = u32be(&mut at);
-            frames.push(raw[at..at + len].to_vec());
-            at += len;
-        }
-        out.push(frames);
-    }
-    out
-}
+use crate::plugins::kvevents::testing::messages;
 
 fn json_hash(v: &Json) -> Option<BlockHash> {
     match v {

@@ -1,0 +1,654 @@
+//! Which endpoint holds which block, as the engines reported it: block key → holders.
+//!
+//! * **Holders.** Each key lists the endpoints holding it, with the storage tier (`medium`:
+//!   GPU, CPU, ...) and, for speculative entries made at pick time, an expiry. At most
+//!   `podCacheSize` endpoints per key (the oldest entry gives way).
+//! * **Engine blocks.** Per endpoint, the engine's block hash → the picker's keys it covers
+//!   and the chain state after it, so that `BlockRemoved` and a later `BlockStored` continuing
+//!   a chain resolve to keys. Insertion order is kept for bounding.
+//! * **Bounds.** At most `max_keys` keys. An endpoint that stores past the bound loses its
+//!   oldest engine blocks first (engines report evictions, so the bound only bites when
+//!   events are lost or a publisher lies). Speculative entries are capped too and expire.
+//!
+//! Concurrency: keys live in 64 shards, each behind its own `RwLock`. A lookup (the request
+//! path) takes shard read locks one key at a time; ingestion (one task per shard of
+//! endpoints) takes one shard's write lock per key it changes and its endpoint's own mutex.
+//! No lock covers the whole index.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+use parking_lot::{Mutex, RwLock};
+use tokio::time::{Duration, Instant};
+
+use super::keys::ChainState;
+
+const SHARDS: usize = 64;
+
+/// Default bound on keys (llm-d-router v0.10's `inMemoryConfig.size`).
+pub const DEFAULT_MAX_KEYS: usize = 100_000_000;
+/// Default bound on endpoints per key (`inMemoryConfig.podCacheSize`).
+pub const DEFAULT_PODS_PER_KEY: usize = 10;
+/// Speculative entries held at most (beyond it, picks are not recorded speculatively).
+pub const MAX_SPECULATIVE: usize = 1_000_000;
+
+/// An interned endpoint.
+pub type PodId = u32;
+/// An interned storage tier (index into the tier table).
+pub type TierId = u8;
+
+/// The tier of speculative entries (weight 1, counted apart).
+pub const SPECULATIVE_TIER: TierId = u8::MAX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Holder {
+    pod: PodId,
+    tier: TierId,
+    /// Milliseconds since the index's epoch after which a speculative entry is void; 0 for
+    /// entries from events.
+    expires: u32,
+}
+
+type Holders = smallvec::SmallVec<[Holder; 2]>;
+
+/// One engine block of an endpoint: the keys it completed and where the chain stands after
+/// it. About 48 bytes when the picker's block size divides the engine's (no pending tokens).
+#[derive(Debug, Clone, Default)]
+pub struct EngineBlock {
+    /// The picker's keys this engine block completed (often exactly one).
+    pub keys: smallvec::SmallVec<[u64; 1]>,
+    /// The last full key of the chain after the block.
+    pub parent: u64,
+    /// Tokens (and identifiers) after `parent` that do not fill a block yet: only when the
+    /// engine's blocks do not end on the picker's block boundaries.
+    pub pending: Option<Box<(Vec<u32>, Vec<String>)>>,
+    /// The tier it was stored in.
+    pub tier: TierId,
+}
+
+impl EngineBlock {
+    /// The chain state after this block.
+    pub fn chain(&self) -> ChainState {
+        let (pending, pending_extra) = self.pending.as_deref().cloned().unwrap_or_default();
+        ChainState {
+            parent: self.parent,
+            pending,
+            pending_extra,
+        }
+    }
+
+    /// A block that completed `keys` and left the chain at `state`.
+    pub fn new(keys: smallvec::SmallVec<[u64; 1]>, state: &ChainState, tier: TierId) -> Self {
+        let pending = (!state.pending.is_empty() || !state.pending_extra.is_empty())
+            .then(|| Box::new((state.pending.clone(), state.pending_extra.clone())));
+        Self {
+            keys,
+            parent: state.parent,
+            pending,
+            tier,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct PodBlocks {
+    engine: HashMap<u64, EngineBlock>,
+    order: VecDeque<u64>,
+}
+
+/// Counters of what the index did (reported by the producer's metrics).
+#[derive(Debug, Default)]
+pub struct IndexStats {
+    /// Keys added (each key an endpoint stored, speculative ones included).
+    pub admissions: AtomicU64,
+    /// Keys an endpoint lost (evictions, clears, the bound).
+    pub evictions: AtomicU64,
+    /// Lookups.
+    pub lookups: AtomicU64,
+    /// Blocks found for the best endpoint, summed over lookups.
+    pub hits: AtomicU64,
+}
+
+/// The result of one lookup for one candidate.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Match {
+    /// Leading blocks held (in any tier).
+    pub blocks: u32,
+    /// The same blocks weighted by their best tier.
+    pub weighted: f64,
+    /// Of those, blocks held only speculatively.
+    pub speculative: u32,
+}
+
+/// See the module docs.
+pub struct PreciseIndex {
+    shards: Box<[RwLock<HashMap<u64, Holders>>]>,
+    keys: AtomicUsize,
+    speculative: AtomicUsize,
+    pods: ArcSwap<HashMap<SocketAddr, PodId>>,
+    pod_writer: Mutex<PodTable>,
+    blocks: RwLock<HashMap<PodId, Arc<Mutex<PodBlocks>>>>,
+    tiers: RwLock<Vec<(String, f64)>>,
+    max_keys: usize,
+    pods_per_key: usize,
+    epoch: Instant,
+    /// What the index did.
+    pub stats: IndexStats,
+}
+
+#[derive(Debug, Default)]
+struct PodTable {
+    next: PodId,
+    addrs: HashMap<SocketAddr, PodId>,
+}
+
+impl std::fmt::Debug for PreciseIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreciseIndex")
+            .field("keys", &self.keys())
+            .field("max_keys", &self.max_keys)
+            .finish_non_exhaustive()
+    }
+}
+
+fn shard_of(key: u64) -> usize {
+    // Keys are hashes already; the high bits pick the shard.
+    (key >> 58) as usize % SHARDS
+}
+
+impl PreciseIndex {
+    /// An empty index of at most `max_keys` keys and `pods_per_key` endpoints per key, with
+    /// `tiers` weights (`medium` names, lowercase; unknown tiers weigh 1).
+    pub fn new(max_keys: usize, pods_per_key: usize, tiers: &[(String, f64)]) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            keys: AtomicUsize::new(0),
+            speculative: AtomicUsize::new(0),
+            pods: ArcSwap::from_pointee(HashMap::new()),
+            pod_writer: Mutex::new(PodTable::default()),
+            blocks: RwLock::new(HashMap::new()),
+            tiers: RwLock::new(tiers.iter().map(|(n, w)| (n.to_ascii_lowercase(), *w)).collect()),
+            max_keys: max_keys.max(1),
+            pods_per_key: pods_per_key.max(1),
+            epoch: Instant::now(),
+            stats: IndexStats::default(),
+        }
+    }
+
+    /// Keys held.
+    pub fn keys(&self) -> usize {
+        self.keys.load(Ordering::Relaxed)
+    }
+
+    /// Speculative entries held (expired ones until swept).
+    pub fn speculative_entries(&self) -> usize {
+        self.speculative.load(Ordering::Relaxed)
+    }
+
+    /// The id of `addr`, interning it.
+    pub fn pod(&self, addr: SocketAddr) -> PodId {
+        if let Some(id) = self.pods.load().get(&addr) {
+            return *id;
+        }
+        let mut table = self.pod_writer.lock();
+        if let Some(id) = table.addrs.get(&addr) {
+            return *id;
+        }
+        let id = table.next;
+        table.next += 1;
+        table.addrs.insert(addr, id);
+        self.pods.store(Arc::new(table.addrs.clone()));
+        id
+    }
+
+    /// The id of `addr` if it was ever interned.
+    pub fn known_pod(&self, addr: &SocketAddr) -> Option<PodId> {
+        self.pods.load().get(addr).copied()
+    }
+
+    /// The tier id of a `medium` (`None` is GPU, as the engine's default). At most 32 tiers
+    /// are told apart; later ones share the last id.
+    pub fn tier(&self, medium: Option<&str>) -> TierId {
+        let name = medium.map_or_else(|| "gpu".to_owned(), str::to_ascii_lowercase);
+        if let Some(i) = self.tiers.read().iter().position(|(n, _)| *n == name) {
+            return i as TierId;
+        }
+        let mut tiers = self.tiers.write();
+        if let Some(i) = tiers.iter().position(|(n, _)| *n == name) {
+            return i as TierId;
+        }
+        if tiers.len() >= 32 {
+            return 31;
+        }
+        tiers.push((name, 1.0));
+        (tiers.len() - 1) as TierId
+    }
+
+    fn weights(&self) -> [f64; 32] {
+        let mut w = [1.0; 32];
+        for (i, (_, weight)) in self.tiers.read().iter().enumerate().take(32) {
+            w[i] = *weight;
+        }
+        w
+    }
+
+    fn now_ms(&self, now: Instant) -> u32 {
+        u32::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u32::MAX - 1)
+    }
+
+    /// For each of `pods` (in order; `None` for an endpoint the index never heard of), the
+    /// leading `keys` it holds, weighted by tier. Expired speculative entries do not count.
+    pub fn lookup(&self, keys: &[u64], pods: &[Option<PodId>], now: Instant) -> Vec<Match> {
+        let mut out = vec![Match::default(); pods.len()];
+        if keys.is_empty() || pods.iter().all(Option::is_none) {
+            return out;
+        }
+        self.stats.lookups.fetch_add(1, Ordering::Relaxed);
+        let weights = self.weights();
+        let now = self.now_ms(now);
+        let mut by_pod: HashMap<PodId, smallvec::SmallVec<[usize; 1]>> = HashMap::with_capacity(pods.len());
+        for (c, p) in pods.iter().enumerate() {
+            if let Some(p) = p {
+                by_pod.entry(*p).or_default().push(c);
+            }
+        }
+        // Per candidate at this key: best weight and whether only speculative.
+        let mut best: Vec<Option<(f64, bool)>> = vec![None; pods.len()];
+        for (i, key) in keys.iter().enumerate() {
+            let shard = self.shards[shard_of(*key)].read();
+            let Some(holders) = shard.get(key) else {
+                break;
+            };
+            let mut advanced = false;
+            for h in holders {
+                if h.expires != 0 && h.expires <= now {
+                    continue;
+                }
+                let Some(cands) = by_pod.get(&h.pod) else {
+                    continue;
+                };
+                let spec = h.tier == SPECULATIVE_TIER;
+                let w = if spec {
+                    1.0
+                } else {
+                    weights[usize::from(h.tier) % 32]
+                };
+                for &c in cands {
+                    if out[c].blocks as usize != i {
+                        continue;
+                    }
+                    best[c] = Some(match best[c] {
+                        Some((bw, bs)) => (bw.max(w), bs && spec),
+                        None => (w, spec),
+                    });
+                }
+            }
+            drop(shard);
+            for (c, b) in best.iter_mut().enumerate() {
+                if let Some((w, spec)) = b.take() {
+                    out[c].blocks += 1;
+                    out[c].weighted += w;
+                    out[c].speculative += u32::from(spec);
+                    advanced = true;
+                }
+            }
+            if !advanced {
+                break;
+            }
+        }
+        let top = out.iter().map(|m| m.blocks).max().unwrap_or(0);
+        self.stats.hits.fetch_add(u64::from(top), Ordering::Relaxed);
+        out
+    }
+
+    fn pod_blocks(&self, pod: PodId) -> Arc<Mutex<PodBlocks>> {
+        if let Some(b) = self.blocks.read().get(&pod) {
+            return b.clone();
+        }
+        self.blocks.write().entry(pod).or_default().clone()
+    }
+
+    /// The chain state after `pod`'s engine block `engine_hash`, if the index knows it.
+    pub fn chain_after(&self, pod: PodId, engine_hash: u64) -> Option<ChainState> {
+        let blocks = self.pod_blocks(pod);
+        let b = blocks.lock();
+        b.engine.get(&engine_hash).map(EngineBlock::chain)
+    }
+
+    /// Records that `pod` stored the engine blocks `blocks` (hash and what it covers), in
+    /// order.
+    pub fn store(&self, pod: PodId, blocks: Vec<(u64, EngineBlock)>) {
+        let pod_blocks = self.pod_blocks(pod);
+        let mut pb = pod_blocks.lock();
+        for (hash, block) in blocks {
+            for key in &block.keys {
+                self.add_holder(
+                    *key,
+                    Holder {
+                        pod,
+                        tier: block.tier,
+                        expires: 0,
+                    },
+                );
+            }
+            if let Some(old) = pb.engine.insert(hash, block) {
+                // Stored again (vLLM may store a hash twice): keys already held stay held.
+                let new_keys = &pb.engine[&hash].keys;
+                for key in old.keys.iter().filter(|k| !new_keys.contains(k)) {
+                    self.remove_holder(*key, pod, Some(old.tier));
+                }
+            } else {
+                pb.order.push_back(hash);
+            }
+        }
+        // The bound: this endpoint gives up its oldest blocks while the index is over.
+        while self.keys.load(Ordering::Relaxed) > self.max_keys {
+            let Some(oldest) = pb.order.pop_front() else {
+                break;
+            };
+            if let Some(old) = pb.engine.remove(&oldest) {
+                for key in &old.keys {
+                    self.remove_holder(*key, pod, Some(old.tier));
+                }
+            }
+        }
+    }
+
+    /// Adds `tier` to keys `pod` already holds through `engine_hashes` (a `BlockStored` with
+    /// no tokens: the blocks were copied to another tier, e.g. CPU offload).
+    pub fn add_tier(&self, pod: PodId, engine_hashes: &[u64], tier: TierId) -> usize {
+        let pod_blocks = self.pod_blocks(pod);
+        let pb = pod_blocks.lock();
+        let mut n = 0;
+        for h in engine_hashes {
+            if let Some(b) = pb.engine.get(h) {
+                for key in &b.keys {
+                    self.add_holder(
+                        *key,
+                        Holder {
+                            pod,
+                            tier,
+                            expires: 0,
+                        },
+                    );
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// `pod` evicted its engine blocks `engine_hashes` from `tier` (`None`: any tier).
+    pub fn remove(&self, pod: PodId, engine_hashes: &[u64], tier: Option<TierId>) -> usize {
+        let pod_blocks = self.pod_blocks(pod);
+        let mut pb = pod_blocks.lock();
+        let mut n = 0;
+        for h in engine_hashes {
+            let Some(b) = pb.engine.get(h) else {
+                continue;
+            };
+            let tier_matches = tier.is_none_or(|t| t == b.tier);
+            for key in &b.keys {
+                n += usize::from(self.remove_holder(*key, pod, tier));
+            }
+            if tier_matches {
+                pb.engine.remove(h);
+            }
+        }
+        if pb.engine.len() * 2 < pb.order.len() {
+            let engine = &pb.engine;
+            let order: VecDeque<u64> = pb
+                .order
+                .iter()
+                .copied()
+                .filter(|h| engine.contains_key(h))
+                .collect();
+            pb.order = order;
+        }
+        n
+    }
+
+    /// Forgets everything `pod` holds, speculative entries included (a cache reset, a
+    /// publisher restart, lost events, the endpoint leaving).
+    pub fn clear(&self, pod: PodId) {
+        let pod_blocks = self.pod_blocks(pod);
+        let mut pb = pod_blocks.lock();
+        let engine = std::mem::take(&mut pb.engine);
+        pb.order.clear();
+        drop(pb);
+        for (_, b) in engine {
+            for key in &b.keys {
+                self.remove_holder(*key, pod, None);
+            }
+        }
+        // Speculative entries are not in the engine map: sweep them everywhere.
+        for shard in self.shards.iter() {
+            let mut shard = shard.write();
+            let mut dropped = 0;
+            shard.retain(|_, holders| {
+                let before = holders.len();
+                holders.retain(|h| !(h.pod == pod && h.tier == SPECULATIVE_TIER));
+                dropped += before - holders.len();
+                !holders.is_empty()
+            });
+            if dropped > 0 {
+                self.speculative.fetch_sub(dropped, Ordering::Relaxed);
+            }
+        }
+        self.recount();
+    }
+
+    /// Drops the engine map of an endpoint that left (after [`Self::clear`]).
+    pub fn forget(&self, pod: PodId) {
+        self.blocks.write().remove(&pod);
+    }
+
+    fn recount(&self) {
+        let n: usize = self.shards.iter().map(|s| s.read().len()).sum();
+        self.keys.store(n, Ordering::Relaxed);
+    }
+
+    /// Records speculatively that `pod` will hold `keys` for `ttl` (the pick was just made;
+    /// the engine's events follow). Skipped when too many speculative entries are held.
+    pub fn speculate(&self, pod: PodId, keys: &[u64], ttl: Duration, now: Instant) -> bool {
+        if self.speculative.load(Ordering::Relaxed) + keys.len() > MAX_SPECULATIVE {
+            return false;
+        }
+        let expires = self
+            .now_ms(now)
+            .saturating_add(u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX))
+            .max(1);
+        for key in keys {
+            let mut shard = self.shards[shard_of(*key)].write();
+            let is_new = !shard.contains_key(key);
+            let holders = shard.entry(*key).or_default();
+            match holders
+                .iter_mut()
+                .find(|h| h.pod == pod && h.tier == SPECULATIVE_TIER)
+            {
+                Some(h) => h.expires = expires,
+                None => {
+                    holders.push(Holder {
+                        pod,
+                        tier: SPECULATIVE_TIER,
+                        expires,
+                    });
+                    self.speculative.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if is_new {
+                self.keys.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.stats
+            .admissions
+            .fetch_add(keys.len() as u64, Ordering::Relaxed);
+        true
+    }
+
+    /// Removes expired speculative entries from shard `i` (of 64; a sweeper walks them in
+    /// turn).
+    pub fn sweep(&self, i: usize, now: Instant) {
+        let now = self.now_ms(now);
+        let mut shard = self.shards[i % SHARDS].write();
+        let mut dropped = 0;
+        let mut emptied = 0;
+        shard.retain(|_, holders| {
+            let before = holders.len();
+            holders.retain(|h| h.expires == 0 || h.expires > now);
+            dropped += before - holders.len();
+            let keep = !holders.is_empty();
+            emptied += usize::from(!keep);
+            keep
+        });
+        if dropped > 0 {
+            self.speculative.fetch_sub(dropped, Ordering::Relaxed);
+            self.keys.fetch_sub(emptied, Ordering::Relaxed);
+        }
+    }
+
+    /// Number of shards (for the sweeper).
+    pub const SHARDS: usize = SHARDS;
+
+    fn add_holder(&self, key: u64, holder: Holder) {
+        let mut shard = self.shards[shard_of(key)].write();
+        let is_new = !shard.contains_key(&key);
+        let holders = shard.entry(key).or_default();
+        if holders
+            .iter()
+            .any(|h| h.pod == holder.pod && h.tier == holder.tier)
+        {
+            return;
+        }
+        let pods = {
+            let mut seen: smallvec::SmallVec<[PodId; 8]> = smallvec::SmallVec::new();
+            for h in holders.iter() {
+                if !seen.contains(&h.pod) {
+                    seen.push(h.pod);
+                }
+            }
+            seen
+        };
+        if !pods.contains(&holder.pod) && pods.len() >= self.pods_per_key {
+            // The oldest endpoint's entries give way.
+            let oldest = pods[0];
+            let before = holders.len();
+            holders.retain(|h| h.pod != oldest);
+            self.stats
+                .evictions
+                .fetch_add((before - holders.len()) as u64, Ordering::Relaxed);
+        }
+        holders.push(holder);
+        self.stats.admissions.fetch_add(1, Ordering::Relaxed);
+        if is_new {
+            self.keys.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Removes `pod`'s entry for `key` in `tier` (any non-speculative tier when `None`).
+    fn remove_holder(&self, key: u64, pod: PodId, tier: Option<TierId>) -> bool {
+        let mut shard = self.shards[shard_of(key)].write();
+        let Some(holders) = shard.get_mut(&key) else {
+            return false;
+        };
+        let before = holders.len();
+        holders.retain(|h| !(h.pod == pod && h.tier != SPECULATIVE_TIER && tier.is_none_or(|t| t == h.tier)));
+        let removed = before - holders.len();
+        if holders.is_empty() {
+            shard.remove(&key);
+            self.keys.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.stats.evictions.fetch_add(removed as u64, Ordering::Relaxed);
+        removed > 0
+    }
+
+    /// Engine blocks `pod` has recorded.
+    pub fn engine_blocks(&self, pod: PodId) -> usize {
+        self.pod_blocks(pod).lock().engine.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(keys: &[u64], tier: TierId) -> EngineBlock {
+        EngineBlock::new(keys.iter().copied().collect(), &ChainState::default(), tier)
+    }
+
+    fn index() -> PreciseIndex {
+        PreciseIndex::new(1000, 10, &[("gpu".into(), 1.0), ("cpu".into(), 0.8)])
+    }
+
+    #[test]
+    fn leading_blocks_by_tier() {
+        let ix = index();
+        let now = Instant::now();
+        let (a, b) = (
+            ix.pod("10.0.0.1:8000".parse().unwrap()),
+            ix.pod("10.0.0.2:8000".parse().unwrap()),
+        );
+        let cpu = ix.tier(Some("CPU"));
+        ix.store(a, vec![(100, block(&[1, 2], 0)), (101, block(&[3], 0))]);
+        ix.store(b, vec![(100, block(&[1], cpu)), (102, block(&[5], 0))]);
+        let m = ix.lookup(&[1, 2, 3, 4], &[Some(a), Some(b), None], now);
+        assert_eq!((m[0].blocks, m[0].weighted), (3, 3.0));
+        assert_eq!(m[1].blocks, 1);
+        assert!((m[1].weighted - 0.8).abs() < 1e-9);
+        assert_eq!(m[2], Match::default());
+        // The first key missing anywhere ends the walk.
+        assert_eq!(ix.lookup(&[9, 1], &[Some(a)], now)[0].blocks, 0);
+        // Eviction by engine hash, in its tier only.
+        assert_eq!(ix.remove(a, &[100], Some(cpu)), 0);
+        assert_eq!(ix.remove(a, &[100], Some(0)), 2);
+        assert_eq!(ix.lookup(&[1, 2, 3], &[Some(a), Some(b)], now)[0].blocks, 0);
+        // A tier added to blocks already known.
+        assert_eq!(ix.add_tier(b, &[102], cpu), 1);
+        ix.clear(b);
+        assert_eq!(ix.lookup(&[1], &[Some(b)], now)[1 - 1].blocks, 0);
+        assert_eq!(ix.keys(), 1, "only a's key 3 is left");
+    }
+
+    #[test]
+    fn bounded_in_keys_and_holders() {
+        let ix = PreciseIndex::new(10, 2, &[]);
+        let p = ix.pod("10.0.0.1:1".parse().unwrap());
+        ix.store(p, (0..30u64).map(|i| (i, block(&[1000 + i], 0))).collect());
+        assert_eq!(ix.keys(), 10);
+        // The newest survive.
+        let now = Instant::now();
+        assert_eq!(ix.lookup(&[1029], &[Some(p)], now)[0].blocks, 1);
+        assert_eq!(ix.lookup(&[1000], &[Some(p)], now)[0].blocks, 0);
+        // At most two endpoints per key: the oldest gives way.
+        let q = ix.pod("10.0.0.2:1".parse().unwrap());
+        let r = ix.pod("10.0.0.3:1".parse().unwrap());
+        ix.store(q, vec![(7, block(&[1029], 0))]);
+        ix.store(r, vec![(7, block(&[1029], 0))]);
+        let m = ix.lookup(&[1029], &[Some(p), Some(q), Some(r)], now);
+        assert_eq!(m.iter().map(|m| m.blocks).collect::<Vec<_>>(), vec![0, 1, 1]);
+    }
+
+    #[test]
+    fn speculative_entries_expire_and_are_swept() {
+        let ix = index();
+        let p = ix.pod("10.0.0.1:1".parse().unwrap());
+        let now = Instant::now();
+        assert!(ix.speculate(p, &[1, 2], Duration::from_secs(2), now));
+        let m = ix.lookup(&[1, 2], &[Some(p)], now);
+        assert_eq!((m[0].blocks, m[0].speculative), (2, 2));
+        let later = now + Duration::from_secs(3);
+        assert_eq!(ix.lookup(&[1, 2], &[Some(p)], later)[0].blocks, 0);
+        for i in 0..PreciseIndex::SHARDS {
+            ix.sweep(i, later);
+        }
+        assert_eq!((ix.keys(), ix.speculative_entries()), (0, 0));
+        // A confirmed entry and a speculative one: clearing the endpoint drops both.
+        ix.speculate(p, &[1], Duration::from_secs(2), now);
+        ix.store(p, vec![(1, block(&[1], 0))]);
+        ix.clear(p);
+        assert_eq!((ix.keys(), ix.speculative_entries()), (0, 0));
+    }
+}
