@@ -230,86 +230,63 @@ impl Model {
 
     /// A request body's prompts as token ids, as vLLM tokenizes them for `api`.
     pub fn tokenize(&self, body: &[u8], api: Api) -> Result<Prompt, PromptError> {
-        let (texts, add_special_tokens, has_media) = match api {
+        self.encode(&self.texts(body, api)?)
+    }
+
+    /// A request body's prompts before encoding: rendered text (or the ids a completions
+    /// request gave). Rendering is cheap next to encoding a long prompt, so a caller can
+    /// render on its thread and encode elsewhere.
+    pub fn texts(&self, body: &[u8], api: Api) -> Result<PromptTexts, PromptError> {
+        match api {
             Api::Chat => {
                 let req: ChatRequest =
                     serde_json::from_slice(body).map_err(|e| PromptError::Body(e.to_string()))?;
                 let text = self.render_chat(&req)?;
-                (
-                    vec![text.text],
-                    req.add_special_tokens.unwrap_or(false),
-                    text.has_media,
-                )
+                Ok(PromptTexts {
+                    parts: vec![PromptPart::Text(text.text)],
+                    add_special_tokens: req.add_special_tokens.unwrap_or(false),
+                    has_media: text.has_media,
+                })
             }
             Api::Completions => {
                 let req: CompletionRequest =
                     serde_json::from_slice(body).map_err(|e| PromptError::Body(e.to_string()))?;
-                let specials = req.add_special_tokens.unwrap_or(true);
-                return Ok(Prompt {
-                    prompts: self.completion_prompts(&req.prompt, specials)?,
+                Ok(PromptTexts {
+                    parts: completion_parts(&req.prompt)?,
+                    add_special_tokens: req.add_special_tokens.unwrap_or(true),
                     has_media: false,
-                });
-            }
-        };
-        let prompts = texts
-            .iter()
-            .map(|t| self.tokenizer.encode(t, add_special_tokens))
-            .collect::<Result<_, _>>()?;
-        Ok(Prompt { prompts, has_media })
-    }
-
-    /// Bytes of the request's prompt text whose segments are not cached: about what
-    /// tokenizing it would cost now. Rendering errors count as nothing to do.
-    pub fn uncached_bytes(&self, body: &[u8], api: Api) -> usize {
-        match api {
-            Api::Chat => serde_json::from_slice::<ChatRequest>(body)
-                .ok()
-                .and_then(|r| self.render_chat(&r).ok())
-                .map_or(0, |r| self.tokenizer.uncached_bytes(&r.text)),
-            Api::Completions => {
-                serde_json::from_slice::<CompletionRequest>(body)
-                    .ok()
-                    .map_or(0, |r| match &r.prompt {
-                        Json::String(s) => self.tokenizer.uncached_bytes(s),
-                        Json::Array(items) => items
-                            .iter()
-                            .filter_map(Json::as_str)
-                            .map(|s| self.tokenizer.uncached_bytes(s))
-                            .sum(),
-                        _ => 0,
-                    })
-            }
-        }
-    }
-
-    fn completion_prompts(&self, prompt: &Json, specials: bool) -> Result<Vec<Vec<u32>>, PromptError> {
-        let ids = |items: &[Json]| -> Option<Vec<u32>> {
-            items
-                .iter()
-                .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
-                .collect()
-        };
-        match prompt {
-            Json::String(s) => Ok(vec![self.tokenizer.encode(s, specials)?]),
-            Json::Array(items) if items.iter().all(Json::is_number) => {
-                Ok(vec![ids(items).ok_or_else(|| {
-                    PromptError::Body("token ids must be u32".into())
-                })?])
-            }
-            Json::Array(items) => items
-                .iter()
-                .map(|item| match item {
-                    Json::String(s) => Ok(self.tokenizer.encode(s, specials)?),
-                    Json::Array(inner) => {
-                        ids(inner).ok_or_else(|| PromptError::Body("token ids must be u32".into()))
-                    }
-                    _ => Err(PromptError::Body(
-                        "prompt entries must be strings or token lists".into(),
-                    )),
                 })
-                .collect(),
-            _ => Err(PromptError::Body("prompt must be a string or a list".into())),
+            }
         }
+    }
+
+    /// Encodes rendered prompts.
+    pub fn encode(&self, texts: &PromptTexts) -> Result<Prompt, PromptError> {
+        let prompts = texts
+            .parts
+            .iter()
+            .map(|p| match p {
+                PromptPart::Text(t) => self.tokenizer.encode(t, texts.add_special_tokens),
+                PromptPart::Ids(ids) => Ok(ids.clone()),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Prompt {
+            prompts,
+            has_media: texts.has_media,
+        })
+    }
+
+    /// Bytes of `texts` whose segments are not cached: about what encoding them would cost
+    /// now.
+    pub fn uncached_bytes(&self, texts: &PromptTexts) -> usize {
+        texts
+            .parts
+            .iter()
+            .map(|p| match p {
+                PromptPart::Text(t) => self.tokenizer.uncached_bytes(t),
+                PromptPart::Ids(_) => 0,
+            })
+            .sum()
     }
 
     /// The prompt text vLLM renders for a chat request.
@@ -418,6 +395,53 @@ fn tool_dicts(tools: &Json) -> Json {
             })
             .collect(),
     )
+}
+
+/// One prompt before encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptPart {
+    /// Text to encode.
+    Text(String),
+    /// Ids the request gave.
+    Ids(Vec<u32>),
+}
+
+/// A request's prompts before encoding (see [`Model::texts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptTexts {
+    /// The prompts.
+    pub parts: Vec<PromptPart>,
+    /// Whether the tokenizer adds its special tokens (BOS).
+    pub add_special_tokens: bool,
+    /// Whether the messages carry media.
+    pub has_media: bool,
+}
+
+fn completion_parts(prompt: &Json) -> Result<Vec<PromptPart>, PromptError> {
+    let ids = |items: &[Json]| -> Result<Vec<u32>, PromptError> {
+        items
+            .iter()
+            .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+            .collect::<Option<Vec<u32>>>()
+            .ok_or_else(|| PromptError::Body("token ids must be u32".into()))
+    };
+    match prompt {
+        Json::String(s) => Ok(vec![PromptPart::Text(s.clone())]),
+        Json::Array(items) if items.iter().all(Json::is_number) && !items.is_empty() => {
+            Ok(vec![PromptPart::Ids(ids(items)?)])
+        }
+        Json::Array(items) => items
+            .iter()
+            .map(|item| match item {
+                Json::String(s) => Ok(PromptPart::Text(s.clone())),
+                Json::Array(inner) => Ok(PromptPart::Ids(ids(inner)?)),
+                _ => Err(PromptError::Body(
+                    "prompt entries must be strings or token lists".into(),
+                )),
+            })
+            .collect(),
+        _ => Err(PromptError::Body("prompt must be a string or a list".into())),
+    }
 }
 
 /// The fields of a chat request that decide its prompt.

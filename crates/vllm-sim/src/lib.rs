@@ -24,6 +24,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod kvevents;
 pub mod metrics;
 pub mod openai;
 pub mod server;

@@ -162,6 +162,22 @@ impl EndpointPickerConfig {
                 store_hooks.push(h.clone());
             }
         }
+        // Producers run in the order of what they produce: tokens, then prefix matches (read
+        // by in-flight accounting), then the rest, each group in configuration order.
+        let rank = |name: &str| {
+            let produced = instances
+                .iter()
+                .find(|i| &*i.name == name)
+                .map_or(&[][..], |i| i.roles.produces.as_slice());
+            if produced.contains(&DataKind::TokenizedPrompt) {
+                0
+            } else if produced.contains(&DataKind::PrefixMatch) {
+                1
+            } else {
+                2
+            }
+        };
+        control.producers.sort_by_key(|p| rank(&p.name));
         if let Some(idle) = instances.iter().find(|i| !i.used) {
             return Err(self.error(ConfigErrorKind::Unused {
                 name: idle.name.to_string(),
@@ -215,6 +231,13 @@ impl EndpointPickerConfig {
             return refuse(
                 "flowControl.saturationDetector".into(),
                 "only pluginRef is allowed here; set thresholds as the detector plugin's parameters",
+            );
+        }
+        let has = |t: &str| f.plugins.iter().any(|p| p.type_name == t);
+        if has("precise-prefix-cache-scorer") && has("precise-prefix-cache-producer") {
+            return refuse(
+                "plugins".into(),
+                "precise-prefix-cache-scorer (deprecated) beside a precise-prefix-cache-producer would keep two indexes; use a prefix-cache-scorer with prefixMatchInfoProducerName naming the producer",
             );
         }
         if f.data.is_some() && f.data_layer.is_some() {

@@ -105,9 +105,37 @@ pub(super) fn plan(
         }
         Ok(())
     };
+    let listed_sources: Vec<usize> = listed.iter().map(|(s, _)| *s).collect();
     for (s, xs) in listed {
         instances[s].used = true;
         let source = &instances[s];
+        if source.roles.endpoint_source {
+            // Endpoint notifications: each extractor follows the pool itself from now on.
+            if xs.is_empty() {
+                return Err(cfg.error(ConfigErrorKind::Unsupported {
+                    field: format!("{section}.sources[{}].extractors", source.name),
+                    why: "an endpoint-notification-source without extractors notifies nobody; list the plugin that follows endpoints (a precise-prefix-cache-producer)".into(),
+                }));
+            }
+            let source_name = source.name.to_string();
+            for x in xs {
+                let inst = &instances[x];
+                let Some(extractor) = &inst.roles.endpoint_extractor else {
+                    return Err(cfg.error(ConfigErrorKind::WrongRole {
+                        context: format!("{section}.sources[{source_name}].extractors"),
+                        plugin: inst.name.to_string(),
+                        wanted: "endpoint extractor (a precise-prefix-cache-producer)",
+                    }));
+                };
+                extractor.attach().map_err(|why| {
+                    cfg.error(ConfigErrorKind::Unsupported {
+                        field: format!("{section}.sources[{source_name}].extractors[{}]", inst.name),
+                        why,
+                    })
+                })?;
+            }
+            continue;
+        }
         if let Some(sub) = &source.roles.subscribing_source {
             if let Some(x) = xs.first() {
                 return Err(cfg.error(ConfigErrorKind::WrongRole {
@@ -162,6 +190,22 @@ pub(super) fn plan(
             }
         }
         sources.polling.push(plan);
+    }
+    // Producers that keep their own subscription (the precise prefix producer's KV events)
+    // run it whether or not a source lists them.
+    for (i, inst) in instances.iter().enumerate() {
+        if let (Some(sub), Some(_)) = (&inst.roles.subscribing_source, &inst.roles.producer)
+            && !listed_sources.contains(&i)
+        {
+            sources.subscribing.push(inst.named(sub));
+        }
+        if let Some(why) = inst.roles.endpoint_extractor.as_ref().and_then(|x| x.idle()) {
+            return Err(cfg.error(ConfigErrorKind::Plugin {
+                name: inst.name.to_string(),
+                type_name: inst.type_name.to_string(),
+                source: plugins::PluginError::Invalid(why),
+            }));
+        }
     }
     if sources.is_empty() {
         tracing::info!("no data sources configured: endpoint figures are not collected");

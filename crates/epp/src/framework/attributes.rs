@@ -31,6 +31,21 @@ impl PrefixMatch {
     }
 }
 
+/// A request's prompt as the model server will tokenize it, stored in the cycle state by a
+/// token producer (llm-d-router v0.10's `TokenizedPrompt`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenizedPrompt {
+    /// Token ids, one list per prompt (a completions request may carry several).
+    pub prompts: Vec<Vec<u32>>,
+    /// The prompt holds media whose placeholders were not expanded (a local tokenizer has no
+    /// model processor): its ids are not the engine's, and precise matching must not trust
+    /// them.
+    pub has_media: bool,
+    /// Media items with their placeholder positions and the engine's identifiers (from a
+    /// render backend), as `(identifier, offset, length)` in token positions, by offset.
+    pub media: Vec<(String, usize, usize)>,
+}
+
 /// The output tokens an in-flight producer estimates for the request and counts against its
 /// endpoint (llm-d-router v0.10 adds them to the request's uncached tokens), stored in the
 /// cycle state by a producer that estimates output.

@@ -221,3 +221,16 @@ pub trait SubscribingSource: Send + Sync {
         ctx: SubscriptionContext,
     ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>>;
 }
+
+/// A plugin an `endpoint-notification-source` lists as its extractor: from then on it
+/// follows the pool's endpoints itself (llm-d-router v0.10's endpoint extractors, which the
+/// precise prefix producer uses to subscribe to each endpoint's KV events).
+pub trait EndpointExtractor: Send + Sync {
+    /// Wires it to the notifications; `Err(why)` when its own configuration would leave the
+    /// wiring idle (a producer with `discoverPods: false`).
+    fn attach(&self) -> Result<(), String>;
+
+    /// Why the plugin would be idle as wired, if it would: checked once the data layer is
+    /// settled (a precise producer that receives events from nowhere).
+    fn idle(&self) -> Option<String>;
+}

@@ -15,7 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 
-use super::datalayer::{Extractor, PollingSource, SubscribingSource};
+use super::datalayer::{EndpointExtractor, Extractor, PollingSource, SubscribingSource};
 use super::requestcontrol::{DataProducer, EndpointsChanged, PreRequest, SaturationDetector};
 use super::scheduling::{Filter, Picker, ProfileHandler, Scorer};
 use crate::datalayer::StoreHook;
@@ -123,6 +123,10 @@ pub struct PluginRoles {
     pub extractor: Option<Arc<dyn Extractor>>,
     /// Store hook (per-endpoint state kept in the snapshot).
     pub store_hook: Option<Arc<dyn StoreHook>>,
+    /// Source of endpoint notifications (`endpoint-notification-source`).
+    pub endpoint_source: bool,
+    /// Extractor of endpoint notifications.
+    pub endpoint_extractor: Option<Arc<dyn EndpointExtractor>>,
     /// Request parser (the OpenAI-style body parsing the EPP does).
     pub parser: bool,
     /// The data kinds the plugin produces for others ([`DataKind`]).
@@ -144,7 +148,7 @@ impl PluginRoles {
     /// The roles, for messages.
     pub fn role_names(&self) -> Vec<&'static str> {
         let mut r = Vec::new();
-        let roles: [(&'static str, bool); 13] = [
+        let roles: [(&'static str, bool); 15] = [
             ("filter", self.filter.is_some()),
             ("scorer", self.scorer.is_some()),
             ("picker", self.picker.is_some()),
@@ -157,6 +161,8 @@ impl PluginRoles {
             ("subscribing source", self.subscribing_source.is_some()),
             ("extractor", self.extractor.is_some()),
             ("store hook", self.store_hook.is_some()),
+            ("endpoint notification source", self.endpoint_source),
+            ("endpoint extractor", self.endpoint_extractor.is_some()),
             ("parser", self.parser),
         ];
         for (name, on) in roles {
@@ -177,6 +183,8 @@ pub enum DataKind {
     PrefixMatch,
     /// In-flight load per endpoint (`InFlightLoad`).
     InFlightLoad,
+    /// The request's token ids (`TokenizedPrompt`).
+    TokenizedPrompt,
 }
 
 impl DataKind {
@@ -185,6 +193,7 @@ impl DataKind {
         match self {
             Self::PrefixMatch => "prefix-cache match info",
             Self::InFlightLoad => "in-flight load",
+            Self::TokenizedPrompt => "tokenized prompt",
         }
     }
 }
@@ -203,6 +212,8 @@ pub struct PluginFamilies {
     pub histograms: BTreeMap<String, (String, Histogram)>,
     /// Gauges computed at scrape time: help and every instance's reader (summed).
     pub gauges: BTreeMap<String, (String, Vec<GaugeFn>)>,
+    /// Counters computed at scrape time: help and every instance's reader (summed).
+    pub counter_fns: BTreeMap<String, (String, Vec<GaugeFn>)>,
     /// Labelled counters by name: help and the shared family. Label values must come from a
     /// bounded set (configuration, fixed reasons), never from a client or a model server.
     pub counters: BTreeMap<String, (String, CounterFamily)>,
@@ -242,6 +253,19 @@ impl PluginMetrics {
         let mut inner = self.inner.lock();
         inner
             .gauges
+            .entry(name.to_owned())
+            .or_insert_with(|| (help.to_owned(), Vec::new()))
+            .1
+            .push(read);
+    }
+
+    /// A counter `name` (without `_total`) whose value is the sum of every registered `read`,
+    /// computed when the metrics are scraped: counters kept in the plugin's own atomics, so
+    /// the request path touches no metric family.
+    pub fn counter_fn(&self, name: &str, help: &str, read: GaugeFn) {
+        let mut inner = self.inner.lock();
+        inner
+            .counter_fns
             .entry(name.to_owned())
             .or_insert_with(|| (help.to_owned(), Vec::new()))
             .1

@@ -26,6 +26,15 @@ use crate::datalayer::EndpointState;
 
 /// Computes data for one request before it is scheduled (the reference's `PrepareData`).
 pub trait DataProducer: Send + Sync {
+    /// Work too slow for the request path, done before the request is scheduled: a future
+    /// that does it elsewhere (a blocking thread, an HTTP call), after which `prepare` finds
+    /// it done. The request waits for it as it waits for dispatch, and then goes through the
+    /// director again. `None` (the default) when `prepare` is cheap for this request. The
+    /// future resolves `Ok` even when the work failed: `prepare` then finds nothing.
+    fn prefetch(&self, _req: &SchedulingRequest<'_>) -> Option<Wait> {
+        None
+    }
+
     /// Writes what the producer found for `candidates` into `state`.
     fn prepare(&self, req: &SchedulingRequest<'_>, candidates: &[Candidate<'_>], state: &mut CycleState);
 }

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::data::CycleState;
 use crate::datalayer::EndpointState;
-use crate::request::RequestHeaders;
+use crate::request::{ApiKind, RequestHeaders};
 
 /// What the scheduler knows about one request.
 #[derive(Debug)]
@@ -34,6 +34,10 @@ pub struct SchedulingRequest<'a> {
     pub prefix_input: &'a [u8],
     /// `cache_salt` of the body.
     pub cache_salt: Option<&'a str>,
+    /// The whole request body (a token producer renders and tokenizes it).
+    pub body: &'a [u8],
+    /// The API the body is for.
+    pub api: ApiKind,
     /// All request headers.
     pub headers: &'a RequestHeaders,
     /// Priority from the request's InferenceObjective (0 without one); below 0 is sheddable.
@@ -60,6 +64,8 @@ impl<'a> SchedulingRequest<'a> {
             target_model,
             prefix_input,
             cache_salt,
+            body: &[],
+            api: ApiKind::Completions,
             headers,
             priority: 0,
             max_output_tokens: None,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use tokio::time::Instant;
 
@@ -137,6 +138,11 @@ impl Collector for PoolCollector {
                 let total: i64 = reads.iter().map(|r| r()).sum();
                 let family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
                 ConstGauge::new(total as f64).encode(family)?;
+            }
+            for (name, (help, reads)) in &families.counter_fns {
+                let total: i64 = reads.iter().map(|r| r()).sum();
+                let family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                ConstCounter::new(total.max(0) as u64).encode(family)?;
             }
             Ok::<(), std::fmt::Error>(())
         })?;

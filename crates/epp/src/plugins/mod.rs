@@ -18,6 +18,7 @@ pub mod kvevents;
 pub mod prefix;
 pub mod saturation;
 pub mod scheduling;
+pub mod tokens;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::framework::attributes::{InFlightLoad, PrefixMatch};
+use crate::framework::attributes::{InFlightLoad, PrefixMatch, TokenizedPrompt};
 use crate::framework::data::DataKey;
 use crate::framework::plugin::{DataKind, PluginMetrics, PluginRoles};
 
@@ -74,6 +75,10 @@ pub const KNOWN_TYPES: &[&str] = &[
     "metrics-data-source",
     "core-metrics-extractor",
     "openai-parser",
+    "token-producer",
+    "precise-prefix-cache-producer",
+    "precise-prefix-cache-scorer",
+    "endpoint-notification-source",
 ];
 
 /// Why a plugin could not be built.
@@ -203,6 +208,13 @@ pub fn consumes(type_name: &str) -> &'static [Consumes] {
             need: Need::IfPresent,
         },
     ];
+    const PRECISE: &[Consumes] = &[Consumes {
+        kind: DataKind::TokenizedPrompt,
+        param: None,
+        need: Need::Auto {
+            default: "token-producer",
+        },
+    }];
     const INFLIGHT: &[Consumes] = &[Consumes {
         kind: DataKind::PrefixMatch,
         param: Some("prefixMatchInfoProducerName"),
@@ -214,6 +226,7 @@ pub fn consumes(type_name: &str) -> &'static [Consumes] {
         "concurrency-detector" => CONCURRENCY,
         "token-load-scorer" => TOKEN_LOAD,
         "inflight-load-producer" => INFLIGHT,
+        "precise-prefix-cache-producer" | "precise-prefix-cache-scorer" => PRECISE,
         _ => &[],
     }
 }
@@ -224,6 +237,7 @@ pub fn default_producer(kind: DataKind) -> &'static str {
     match kind {
         DataKind::PrefixMatch => "approx-prefix-cache-producer",
         DataKind::InFlightLoad => "inflight-load-producer",
+        DataKind::TokenizedPrompt => "token-producer",
     }
 }
 
@@ -232,6 +246,8 @@ pub fn produces(type_name: &str) -> &'static [DataKind] {
     match type_name {
         "approx-prefix-cache-producer" => &[DataKind::PrefixMatch],
         "inflight-load-producer" => &[DataKind::InFlightLoad],
+        "precise-prefix-cache-producer" => &[DataKind::PrefixMatch],
+        "token-producer" => &[DataKind::TokenizedPrompt],
         _ => &[],
     }
 }
@@ -404,9 +420,58 @@ pub fn build(
             no_params(parameters)?;
             h.parser = true;
         }
+        "token-producer" => {
+            let p = Arc::new(tokens::TokenProducer::new(ctx.name, &params(parameters)?).map_err(invalid)?);
+            h.producer = Some(p);
+            h.produces = vec![DataKind::TokenizedPrompt];
+        }
+        "precise-prefix-cache-producer" => {
+            let p = precise(parameters, ctx)?;
+            h.producer = Some(p.clone());
+            h.pre_request = Some(p.clone());
+            h.subscribing_source = Some(p.clone());
+            h.endpoint_extractor = Some(p);
+            h.produces = vec![DataKind::PrefixMatch];
+        }
+        "precise-prefix-cache-scorer" => {
+            tracing::warn!(
+                plugin = ctx.name,
+                "precise-prefix-cache-scorer is deprecated (llm-d-router v0.10): use a precise-prefix-cache-producer and a prefix-cache-scorer with prefixMatchInfoProducerName"
+            );
+            let p = precise(parameters, ctx)?;
+            let scorer =
+                PrefixCacheScorer::new(p.match_key(), &prefix::ScorerParams::default()).map_err(invalid)?;
+            h.scorer = Some(Arc::new(scorer));
+            h.producer = Some(p.clone());
+            h.pre_request = Some(p.clone());
+            h.subscribing_source = Some(p.clone());
+            h.endpoint_extractor = Some(p);
+        }
+        "endpoint-notification-source" => {
+            no_params(parameters)?;
+            h.endpoint_source = true;
+        }
         other => return Err(PluginError::UnknownType(other.to_owned())),
     }
     Ok(h)
+}
+
+/// A precise prefix producer from `parameters`, reading the token producer bound to it.
+fn precise(
+    parameters: &serde_yaml::Value,
+    ctx: &BuildContext<'_>,
+) -> Result<Arc<kvevents::producer::PreciseProducer>, PluginError> {
+    let p: kvevents::params::PreciseParams = params(parameters)?;
+    let resolved = p.resolve().map_err(invalid)?;
+    let tokens = ctx
+        .producer(DataKind::TokenizedPrompt)
+        .ok_or_else(|| invalid("no token-producer to read"))?;
+    Ok(Arc::new(kvevents::producer::PreciseProducer::new(
+        ctx.name,
+        DataKey::<TokenizedPrompt>::named(tokens),
+        resolved,
+        ctx.metrics,
+    )))
 }
 
 /// Fixtures shared by the plugin tests.
@@ -494,10 +559,22 @@ mod tests {
         let bindings: BTreeMap<DataKind, String> = [
             (DataKind::PrefixMatch, "approx-prefix-cache-producer".to_owned()),
             (DataKind::InFlightLoad, "inflight-load-producer".to_owned()),
+            (DataKind::TokenizedPrompt, "token-producer".to_owned()),
         ]
         .into();
         for t in KNOWN_TYPES {
-            let roles = build(t, &serde_yaml::Value::Null, &ctx(&defaults, &metrics, &bindings));
+            // A token producer needs a backend; every other type builds without parameters.
+            let params = if *t == "token-producer" {
+                serde_yaml::from_str(concat!(
+                    "local: {path: ",
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../../fixtures/vllm-0.32-cpu/tokenization}"
+                ))
+                .unwrap()
+            } else {
+                serde_yaml::Value::Null
+            };
+            let roles = build(t, &params, &ctx(&defaults, &metrics, &bindings));
             assert!(roles.is_ok(), "{t}: {roles:?}");
             assert_eq!(roles.unwrap().produces, produces(t), "{t}");
         }

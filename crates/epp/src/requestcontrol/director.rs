@@ -448,6 +448,16 @@ impl Director {
         if priority < 0 && self.control.saturation.timed(|d| d.saturation(&cands, now)) >= 1.0 {
             return Err(DirectorError::Shed);
         }
+        let mut waits: Vec<Wait> = Vec::new();
+        if !self.control.producers.is_empty() {
+            let req = scheduling_request(info, body, &parsed, priority, now);
+            waits.extend(
+                self.control
+                    .producers
+                    .iter()
+                    .filter_map(|p| p.plugin.prefetch(&req)),
+            );
+        }
         if let Some(dispatcher) = &self.dispatcher {
             let req = DispatchRequest {
                 request_id: &info.request_id,
@@ -459,11 +469,21 @@ impl Director {
                 bytes: body.len(),
             };
             if let Admit::Wait(wait) = dispatcher.dispatch(&req) {
-                return Ok(Routing::Wait(wait));
+                waits.push(wait);
             }
         }
-        self.schedule(info, body, &parsed, &cands, priority, now)
-            .map(Routing::Ready)
+        match waits.len() {
+            0 => self
+                .schedule(info, body, &parsed, &cands, priority, now)
+                .map(Routing::Ready),
+            1 => Ok(Routing::Wait(waits.remove(0))),
+            _ => Ok(Routing::Wait(Box::pin(async move {
+                for w in waits {
+                    w.await?;
+                }
+                Ok(())
+            }))),
+        }
     }
 
     /// A request the dispatcher let through after waiting: parse again and schedule on the
@@ -494,18 +514,8 @@ impl Director {
         priority: i32,
         now: Instant,
     ) -> Result<Decision, DirectorError> {
-        let target_model = info.headers.control(keys::MODEL_REWRITE).unwrap_or(&parsed.model);
-        let req = SchedulingRequest {
-            request_id: &info.request_id,
-            model: &parsed.model,
-            target_model,
-            prefix_input: &parsed.prefix_input,
-            cache_salt: parsed.cache_salt.as_deref(),
-            headers: &info.headers,
-            priority,
-            max_output_tokens: parsed.max_output_tokens,
-            now,
-        };
+        let req = scheduling_request(info, body, parsed, priority, now);
+        let target_model = req.target_model;
         let mut state = CycleState::default();
         for p in &self.control.producers {
             p.timed(|p| p.prepare(&req, cands, &mut state));
@@ -538,6 +548,29 @@ impl Director {
             stream: parsed.stream,
             held,
         })
+    }
+}
+
+/// What the scheduler and the producers know of a parsed request.
+fn scheduling_request<'a>(
+    info: &'a RequestInfo,
+    body: &'a [u8],
+    parsed: &'a ParsedBody<'a>,
+    priority: i32,
+    now: Instant,
+) -> SchedulingRequest<'a> {
+    SchedulingRequest {
+        request_id: &info.request_id,
+        model: &parsed.model,
+        target_model: info.headers.control(keys::MODEL_REWRITE).unwrap_or(&parsed.model),
+        prefix_input: &parsed.prefix_input,
+        cache_salt: parsed.cache_salt.as_deref(),
+        body,
+        api: parsed.api,
+        headers: &info.headers,
+        priority,
+        max_output_tokens: parsed.max_output_tokens,
+        now,
     }
 }
 

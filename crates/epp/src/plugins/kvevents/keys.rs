@@ -33,6 +33,17 @@ pub struct KeyScheme {
     seed: u64,
 }
 
+/// A multimodal item's placeholder tokens in a prompt, with the engine's identifier for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaSpan {
+    /// The item's hash as the engine names it (vLLM's `mm_hash`).
+    pub identifier: String,
+    /// First placeholder token.
+    pub offset: usize,
+    /// Placeholder tokens.
+    pub length: usize,
+}
+
 /// Where a chain stands after some tokens: the key of its last full block and the tokens
 /// after it that do not fill a block yet.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -93,23 +104,39 @@ impl KeyScheme {
     }
 
     /// A request's keys: `tokens` cut into full blocks (a partial last block has no key), at
-    /// most `max_blocks`, rooted at the adapter `lora`, `salt` folded into the first block.
+    /// most `max_blocks`, rooted at the adapter `lora`; each block carries the identifiers of
+    /// the `media` items whose placeholder tokens overlap it (in offset order), and the first
+    /// block `salt` after them, in vLLM's order of extra keys.
     pub fn request_keys(
         &self,
         tokens: &[u32],
         lora: Option<&str>,
         salt: Option<&str>,
+        media: &[MediaSpan],
         max_blocks: usize,
         out: &mut Vec<u64>,
     ) {
         let mut parent = self.root(lora);
-        let salt: Vec<String> = salt.map(str::to_owned).into_iter().collect();
+        let mut extra: Vec<String> = Vec::new();
         for (i, block) in tokens
             .chunks_exact(self.block_tokens)
             .take(max_blocks)
             .enumerate()
         {
-            parent = self.block_key(parent, block, if i == 0 { &salt } else { &[] });
+            extra.clear();
+            let (start, end) = (i * self.block_tokens, (i + 1) * self.block_tokens);
+            extra.extend(
+                media
+                    .iter()
+                    .filter(|m| m.offset < end && m.offset + m.length > start)
+                    .map(|m| m.identifier.clone()),
+            );
+            if i == 0
+                && let Some(s) = salt
+            {
+                extra.push(s.to_owned());
+            }
+            parent = self.block_key(parent, block, &extra);
             out.push(parent);
         }
     }
@@ -156,7 +183,7 @@ mod tests {
         for ours in [8, 16, 32, 48] {
             let k = KeyScheme::new(ours, "");
             let mut want = Vec::new();
-            k.request_keys(&tokens, None, None, usize::MAX, &mut want);
+            k.request_keys(&tokens, None, None, &[], usize::MAX, &mut want);
             assert_eq!(want.len(), 200 / ours);
             for engine in [16, 32, 7] {
                 let mut state = ChainState {
@@ -177,7 +204,7 @@ mod tests {
         let tokens: Vec<u32> = (0..64).collect();
         let keys = |k: &KeyScheme, lora, salt| {
             let mut v = Vec::new();
-            k.request_keys(&tokens, lora, salt, usize::MAX, &mut v);
+            k.request_keys(&tokens, lora, salt, &[], usize::MAX, &mut v);
             v
         };
         let k = KeyScheme::new(16, "");
@@ -198,7 +225,31 @@ mod tests {
         // Limits.
         assert_eq!(keys(&k, None, None).len(), 4);
         let mut v = Vec::new();
-        k.request_keys(&tokens, None, None, 2, &mut v);
+        k.request_keys(&tokens, None, None, &[], 2, &mut v);
         assert_eq!(v, base[..2]);
+        // A media item over blocks 1 and 2 (of 16): the engine names it on those blocks.
+        let media = [MediaSpan {
+            identifier: "img".into(),
+            offset: 20,
+            length: 20,
+        }];
+        let mut with = Vec::new();
+        k.request_keys(&tokens, None, None, &media, usize::MAX, &mut with);
+        assert_eq!(with[0], base[0]);
+        assert_ne!(with[1], base[1]);
+        let mut state = ChainState {
+            parent: k.root(None),
+            ..ChainState::default()
+        };
+        let mut got = Vec::new();
+        for (i, block) in tokens.chunks(16).enumerate() {
+            let extra = if i == 1 || i == 2 {
+                vec!["img".to_owned()]
+            } else {
+                Vec::new()
+            };
+            k.feed(&mut state, block, extra, &mut got);
+        }
+        assert_eq!(got, with);
     }
 }

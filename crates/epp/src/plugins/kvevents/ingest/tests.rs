@@ -63,7 +63,7 @@ fn every_prompt_block_of_the_capture_is_found_at_any_block_size() {
         for (name, tokens) in &reqs {
             let mut keys = Vec::new();
             ix.scheme()
-                .request_keys(tokens, None, None, usize::MAX, &mut keys);
+                .request_keys(tokens, None, None, &[], usize::MAX, &mut keys);
             let m = ix.index().lookup(&keys, &[Some(a), Some(b)], Instant::now());
             // The engine stores full blocks of 32: a block of ours that ends past the
             // prompt's last full engine block can be missing, nothing before it.
@@ -135,13 +135,13 @@ fn adapter_blocks_live_under_the_adapter_and_resets_clear_them() {
             let lora = s.lora_name.as_deref();
             let mut keys = Vec::new();
             ix.scheme()
-                .request_keys(&s.token_ids, lora, None, usize::MAX, &mut keys);
+                .request_keys(&s.token_ids, lora, None, &[], usize::MAX, &mut keys);
             let found = ix.index().lookup(&keys, &[Some(pod)], Instant::now())[0].blocks as usize;
             assert_eq!(found, keys.len(), "seq {}", m.seq);
             if lora.is_some() {
                 let mut base = Vec::new();
                 ix.scheme()
-                    .request_keys(&s.token_ids, None, None, usize::MAX, &mut base);
+                    .request_keys(&s.token_ids, None, None, &[], usize::MAX, &mut base);
                 // (The capture also sent the same prompts to the base model.)
                 assert!(keys.iter().zip(&base).all(|(a, b)| a != b));
                 checked += 1;
