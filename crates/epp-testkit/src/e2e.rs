@@ -35,6 +35,28 @@ impl Sim {
 
     /// A sim listening on `addr` (any 127.0.0.0/8 address works on Linux loopback).
     pub async fn start_on(addr: SocketAddr, tweak: impl FnOnce(&mut SimConfig)) -> Self {
+        Self::start_full(addr, tweak, None, None).await
+    }
+
+    /// A sim that tokenizes with the real vLLM fixture model's tokenizer and publishes KV
+    /// events as `events` says.
+    pub async fn start_tokenizing(
+        addr: SocketAddr,
+        tweak: impl FnOnce(&mut SimConfig),
+        events: Option<vllm_sim::kvevents::PublisherConfig>,
+    ) -> Self {
+        let model =
+            vllm_sim::vllm_prompt::Model::load(&crate::fixtures().join("tokenization"), 16 << 20).unwrap();
+        Self::start_full(addr, tweak, Some(Arc::new(model)), events).await
+    }
+
+    /// A sim with every part given.
+    pub async fn start_full(
+        addr: SocketAddr,
+        tweak: impl FnOnce(&mut SimConfig),
+        prompts: Option<Arc<vllm_sim::vllm_prompt::Model>>,
+        events: Option<vllm_sim::kvevents::PublisherConfig>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let id = format!("sim-{}", addr.port());
@@ -44,7 +66,8 @@ impl Sim {
             ..SimConfig::default()
         };
         tweak(&mut config);
-        let sim = Simulator::new(config);
+        let publisher = events.map(|e| vllm_sim::kvevents::Publisher::start(e).unwrap());
+        let sim = Simulator::with_parts(config, prompts, publisher);
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(serve(listener, sim.clone(), async move {
             let _ = rx.await;

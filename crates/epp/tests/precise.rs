@@ -183,3 +183,271 @@ fn a_producer_without_tokens_or_events_is_refused() {
     .unwrap_err();
     assert!(e.contains("endpoint extractor"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------
+// End to end: simulated vLLM servers that tokenize with the real model's tokenizer and
+// publish KV events as vLLM does; the picker subscribes to each; the test is the gateway
+// (asks the picker over ext_proc, then sends the request where it was told).
+
+mod e2e {
+    use std::ffi::OsString;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use endpoint_picker::app::{self, Running};
+    use endpoint_picker::config::cli::parse_args;
+    use epp_testkit::e2e::Sim;
+    use epp_testkit::extproc::{chat_on, destination, open};
+    use epp_testkit::free_port;
+    use vllm_sim::kvevents::PublisherConfig;
+
+    use super::TOKENIZER;
+
+    struct Pool {
+        sims: Vec<Sim>,
+        socket_port: u16,
+        replay_port: u16,
+    }
+
+    /// `n` sims on 127.0.0.2.. (one IP each, as pods have), publishing on one port number.
+    async fn pool(n: usize) -> Pool {
+        let (socket_port, replay_port) = (free_port(), free_port());
+        let mut sims = Vec::new();
+        for i in 0..n {
+            let ip = format!("127.0.0.{}", i + 2);
+            let addr: SocketAddr = format!("{ip}:0").parse().unwrap();
+            let sim = Sim::start_tokenizing(
+                addr,
+                |c| {
+                    c.kv_blocks = 2048;
+                    c.time_scale = 0.01;
+                },
+                Some(PublisherConfig {
+                    endpoint: format!("tcp://{ip}:{socket_port}"),
+                    bind: Some(true),
+                    replay_endpoint: Some(format!("tcp://{ip}:{replay_port}")),
+                    // The reference's topic convention; its default filter is `kv@`.
+                    topic: format!("kv@{ip}@tiny"),
+                    buffer_steps: 1000,
+                    dp_rank: 0,
+                }),
+            )
+            .await;
+            sims.push(sim);
+        }
+        Pool {
+            sims,
+            socket_port,
+            replay_port,
+        }
+    }
+
+    fn config(p: &Pool, producer: &str) -> String {
+        format!(
+            "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: token-producer
+  parameters: {{local: {{path: {TOKENIZER}}}}}
+- type: endpoint-notification-source
+{producer}
+- type: queue-scorer
+- type: max-score-picker
+dataLayer:
+  sources:
+  - pluginRef: endpoint-notification-source
+    extractors: [{{pluginRef: precise-prefix-cache-producer}}]
+schedulingProfiles:
+- name: default
+  plugins:
+  - {{pluginRef: prefix-cache-scorer, weight: 3}}
+  - {{pluginRef: queue-scorer, weight: 1}}
+  - {{pluginRef: max-score-picker}}
+",
+        )
+        .replace("{{SOCKET}}", &p.socket_port.to_string())
+        .replace("{{REPLAY}}", &p.replay_port.to_string())
+    }
+
+    const PRECISE: &str = "- type: precise-prefix-cache-producer
+  parameters:
+    kvEventsConfig: {podDiscoveryConfig: {socketPort: {{SOCKET}}, replaySocketPort: {{REPLAY}}}}
+    indexerConfig: {kvBlockIndexConfig: {enableMetrics: true}}
+- type: prefix-cache-scorer
+  parameters: {prefixMatchInfoProducerName: precise-prefix-cache-producer}";
+
+    async fn epp(p: &Pool, text: &str) -> Running {
+        let list = p
+            .sims
+            .iter()
+            .map(|s| s.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let args: Vec<String> = vec![
+            "epp".into(),
+            "--static-endpoints".into(),
+            list,
+            "--bind-address".into(),
+            "127.0.0.1".into(),
+            "--grpc-port=0".into(),
+            "--grpc-health-port=0".into(),
+            "--metrics-port=0".into(),
+            "--refresh-metrics-interval=20ms".into(),
+            "--secure-serving=false".into(),
+            format!("--config-text={text}"),
+        ];
+        let cli = parse_args(args.into_iter().map(OsString::from)).unwrap();
+        let running = app::start(&cli).await.unwrap();
+        // Scraped, so that the queue scorer sees the servers.
+        for _ in 0..250 {
+            let s = running.store.load();
+            if s.endpoints().iter().all(|e| e.metrics().updated_at.is_some()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        running
+    }
+
+    fn body(system: &str, question: &str) -> String {
+        serde_json::json!({
+            "model": "tiny",
+            "max_tokens": 2,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        })
+        .to_string()
+    }
+
+    fn system_prompt(group: usize) -> String {
+        (0..60)
+            .map(|i| format!("rule {group}.{i}: answer carefully. "))
+            .collect()
+    }
+
+    async fn pick(epp: &Running, body: &str) -> String {
+        let (r, _) = chat_on(open(epp.grpc_addr).await, body, &[]).await;
+        destination(&r)
+    }
+
+    async fn send(to: &str, body: &str) {
+        let r = reqwest::Client::new()
+            .post(format!("http://{to}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+
+    async fn index_keys(epp: &Running) -> f64 {
+        let text = reqwest::get(format!("http://{}/metrics", epp.metrics_addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("llm_d_router_epp_kv_cache_index_keys "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until every picker's index holds more or fewer keys than `before` (as `grown`).
+    async fn settled(epps: &[&Running], before: &[f64], grown: bool) -> Vec<f64> {
+        for _ in 0..400 {
+            let now = futures_util::future::join_all(epps.iter().map(|e| index_keys(e))).await;
+            if now
+                .iter()
+                .zip(before)
+                .all(|(n, b)| if grown { n > b } else { n < b })
+            {
+                // Let the rest of the same events land.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return futures_util::future::join_all(epps.iter().map(|e| index_keys(e))).await;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the index never moved from {before:?}");
+    }
+
+    /// Subscriptions are connected once a request's events reach the picker.
+    async fn warm_up(p: &Pool, epps: &[&Running]) {
+        for (i, sim) in p.sims.iter().enumerate() {
+            let before = futures_util::future::join_all(epps.iter().map(|e| index_keys(e))).await;
+            for attempt in 0..50 {
+                send(
+                    &sim.addr.to_string(),
+                    &body(&format!("warm-up {i} {attempt} {}", system_prompt(100 + i)), "hi"),
+                )
+                .await;
+                let now = futures_util::future::join_all(epps.iter().map(|e| index_keys(e))).await;
+                if now.iter().zip(&before).all(|(n, b)| n > b) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reset_cache_gets_no_stale_credit() {
+        let p = pool(3).await;
+        let epp = epp(&p, &config(&p, PRECISE)).await;
+        warm_up(&p, &[&epp]).await;
+        // Server 0 holds the prefix but reports a queue: only its cache draws requests there.
+        p.sims[0].set_load(5, 0.1);
+        let holder = p.sims[0].addr.to_string();
+        let before = index_keys(&epp).await;
+        send(&holder, &body(&system_prompt(1), "first question")).await;
+        let before = settled(&[&epp], &[before], true).await;
+        for q in 0..3 {
+            let b = body(&system_prompt(1), &format!("question {q}"));
+            assert_eq!(pick(&epp, &b).await, holder, "the server holding the prefix wins");
+        }
+        // The server's cache is reset; its AllBlocksCleared reaches the picker.
+        let r = reqwest::Client::new()
+            .post(format!("http://{holder}/reset_prefix_cache"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(r, r#"{"success":true}"#);
+        settled(&[&epp], &before, false).await;
+        for q in 0..5 {
+            let b = body(&system_prompt(1), &format!("after reset {q}"));
+            let to = pick(&epp, &b).await;
+            assert_ne!(to, holder, "no credit for blocks the server dropped");
+            send(&to, &b).await;
+        }
+        epp.shutdown();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_replicas_without_a_link_agree() {
+        let p = pool(3).await;
+        let text = config(&p, PRECISE);
+        let (a, b) = (epp(&p, &text).await, epp(&p, &text).await);
+        warm_up(&p, &[&a, &b]).await;
+        let replicas = [&a, &b];
+        for group in 0..6 {
+            // The first request of a group goes where one replica says.
+            let before = futures_util::future::join_all(replicas.iter().map(|e| index_keys(e))).await;
+            let first = body(&system_prompt(group), "opening question");
+            let home = pick(replicas[group % 2], &first).await;
+            send(&home, &first).await;
+            settled(&replicas, &before, true).await;
+            // Both replicas learned it from the server itself.
+            for q in 0..4 {
+                let b = body(&system_prompt(group), &format!("follow-up {q}"));
+                let via = replicas[(group + q + 1) % 2];
+                assert_eq!(pick(via, &b).await, home, "group {group}, follow-up {q}");
+                send(&home, &b).await;
+            }
+        }
+        a.shutdown();
+        b.shutdown();
+    }
+}

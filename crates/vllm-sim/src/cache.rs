@@ -86,6 +86,9 @@ pub struct Allocation {
     pub blocks: Vec<BlockId>,
     /// How many leading blocks were found in the cache.
     pub hit_blocks: usize,
+    /// Positions (indices into the request's hashes) whose blocks were newly cached: what a
+    /// `BlockStored` event reports.
+    pub stored: Vec<usize>,
 }
 
 /// A pool of KV blocks with prefix caching and LRU eviction of unreferenced blocks.
@@ -97,6 +100,9 @@ pub struct KvCache {
     free: BTreeMap<u64, BlockId>,
     next_seq: u64,
     used: usize,
+    /// Hashes evicted since [`KvCache::take_evicted`] was last called: what `BlockRemoved`
+    /// events report.
+    evicted: Vec<u64>,
 }
 
 impl KvCache {
@@ -109,6 +115,7 @@ impl KvCache {
             free: BTreeMap::new(),
             next_seq: 0,
             used: 0,
+            evicted: Vec::new(),
         };
         for id in 0..num_blocks {
             cache.push_free(id);
@@ -171,6 +178,7 @@ impl KvCache {
             return None;
         }
         let mut blocks = Vec::with_capacity(total_blocks);
+        let mut stored = Vec::new();
         for id in &hit_ids {
             self.take_ref(*id);
             blocks.push(*id);
@@ -182,13 +190,34 @@ impl KvCache {
             {
                 self.by_hash.insert(*h, id);
                 self.blocks[id as usize].hash = Some(*h);
+                stored.push(pos);
             }
             blocks.push(id);
         }
         Some(Allocation {
             blocks,
             hit_blocks: hit_ids.len(),
+            stored,
         })
+    }
+
+    /// The hashes evicted since the last call.
+    pub fn take_evicted(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Forgets every cached prefix, as vLLM's `/reset_prefix_cache`; refused (`false`, nothing
+    /// changed) while any block is in use, as vLLM refuses it.
+    pub fn reset(&mut self) -> bool {
+        if self.used > 0 {
+            return false;
+        }
+        self.by_hash.clear();
+        for b in &mut self.blocks {
+            b.hash = None;
+        }
+        self.evicted.clear();
+        true
     }
 
     /// One more (empty) block for a growing request, evicting the least recently used free
@@ -243,6 +272,7 @@ impl KvCache {
             && self.by_hash.get(&h) == Some(&id)
         {
             self.by_hash.remove(&h);
+            self.evicted.push(h);
         }
         b.refs = 1;
         self.used += 1;

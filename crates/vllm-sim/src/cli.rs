@@ -63,9 +63,75 @@ pub struct Cli {
     /// Largest accepted request body in bytes.
     #[arg(long, default_value_t = 16 << 20, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_body_bytes: u64,
+    /// A model directory (`tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`):
+    /// prompts are rendered and tokenized as vLLM does, and counted in real tokens.
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// vLLM's `--kv-events-config` JSON, e.g.
+    /// `{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557","replay_endpoint":"tcp://*:5558","topic":"kv@127.0.0.1:8000@tiny"}`
+    /// (needs --tokenizer: events carry token ids).
+    #[arg(long)]
+    pub kv_events_config: Option<String>,
+}
+
+/// vLLM's `KVEventsConfig` fields the simulator reads.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KvEventsConfig {
+    #[serde(default)]
+    enable_kv_cache_events: bool,
+    #[serde(default)]
+    publisher: Option<String>,
+    #[serde(default = "default_endpoint")]
+    endpoint: String,
+    #[serde(default)]
+    replay_endpoint: Option<String>,
+    #[serde(default = "default_buffer_steps")]
+    buffer_steps: usize,
+    #[serde(default)]
+    topic: String,
+    #[serde(default)]
+    hwm: Option<u64>,
+    #[serde(default)]
+    max_queue_size: Option<u64>,
+}
+
+fn default_endpoint() -> String {
+    "tcp://*:5557".into()
+}
+
+fn default_buffer_steps() -> usize {
+    10_000
 }
 
 impl Cli {
+    /// The KV-event publisher `--kv-events-config` asks for (vLLM's defaults for what it
+    /// leaves out), or `None` when events are off.
+    pub fn kv_events(&self) -> Result<Option<crate::kvevents::PublisherConfig>, String> {
+        let Some(text) = &self.kv_events_config else {
+            return Ok(None);
+        };
+        let c: KvEventsConfig = serde_json::from_str(text).map_err(|e| format!("--kv-events-config: {e}"))?;
+        let _ = (c.hwm, c.max_queue_size);
+        if !c.enable_kv_cache_events || c.publisher.as_deref() == Some("null") {
+            return Ok(None);
+        }
+        if let Some(p) = c.publisher.as_deref().filter(|p| *p != "zmq") {
+            return Err(format!("--kv-events-config: publisher {p:?} (zmq or null)"));
+        }
+        if self.tokenizer.is_none() {
+            return Err("--kv-events-config needs --tokenizer: KV events carry token ids".into());
+        }
+        Ok(Some(crate::kvevents::PublisherConfig {
+            endpoint: c.endpoint,
+            bind: None,
+            replay_endpoint: c.replay_endpoint,
+            topic: c.topic,
+            buffer_steps: c.buffer_steps,
+            dp_rank: 0,
+        }))
+    }
+
     /// The simulator settings these flags give (`served_by` is left empty: it depends on the
     /// bound port).
     pub fn sim_config(&self) -> SimConfig {

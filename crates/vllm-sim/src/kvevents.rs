@@ -133,6 +133,9 @@ pub fn payload(ts: f64, events: &[Event], dp_rank: i64) -> Vec<u8> {
 pub struct PublisherConfig {
     /// `tcp://*:5557` binds; `tcp://127.0.0.1:5557` connects.
     pub endpoint: String,
+    /// Bind (or connect) whatever the endpoint looks like; `None` decides as vLLM does. Tests
+    /// bind loopback addresses this way.
+    pub bind: Option<bool>,
     /// The replay socket (always bound), if any.
     pub replay_endpoint: Option<String>,
     /// The topic (`kv@<ip:port>@<model>` by convention).
@@ -209,9 +212,11 @@ impl Publisher {
         let pub_socket = ctx.socket(zmq::PUB).map_err(err(&config.endpoint))?;
         pub_socket.set_sndhwm(100_000).map_err(err(&config.endpoint))?;
         pub_socket.set_linger(0).map_err(err(&config.endpoint))?;
-        let binds = config.endpoint.contains('*')
-            || config.endpoint.contains("::")
-            || config.endpoint.starts_with("ipc://");
+        let binds = config.bind.unwrap_or_else(|| {
+            config.endpoint.contains('*')
+                || config.endpoint.contains("::")
+                || config.endpoint.starts_with("ipc://")
+        });
         let endpoint = if binds {
             pub_socket.bind(&config.endpoint).map_err(err(&config.endpoint))?;
             bound_or(&pub_socket, &config.endpoint)

@@ -33,3 +33,6 @@ pub use admin::{MetricsMode, SimStats};
 pub use config::{SimConfig, SimConfigError};
 pub use metrics::Overrides;
 pub use server::{SIM_ID_HEADER, Simulator, serve};
+
+/// The prompt renderer and tokenizer the simulator uses with `--tokenizer`.
+pub use vllm_prompt;

@@ -72,7 +72,33 @@ async fn main() -> ExitCode {
         time_scale = config.time_scale,
         "vllm-sim listening on {addr}"
     );
-    let sim = Simulator::new(config);
+    let events = match cli.kv_events() {
+        Ok(e) => e,
+        Err(e) => Cli::command().error(ErrorKind::ValueValidation, e).exit(),
+    };
+    let prompts = match &cli.tokenizer {
+        Some(dir) => {
+            match vllm_sim::vllm_prompt::Model::load(dir, vllm_sim::vllm_prompt::DEFAULT_CACHE_BYTES) {
+                Ok(m) => Some(std::sync::Arc::new(m)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot load the tokenizer");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => None,
+    };
+    let publisher = match events.map(vllm_sim::kvevents::Publisher::start).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot publish KV events");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(p) = &publisher {
+        tracing::info!(endpoint = %p.endpoint, replay = ?p.replay_endpoint, "publishing KV events");
+    }
+    let sim = Simulator::with_parts(config, prompts, publisher);
     match serve(listener, sim, shutdown_signal()).await {
         Ok(()) => {
             tracing::info!("stopped");

@@ -47,6 +47,10 @@ pub struct CompletionRequest {
     /// Separates prefix-cache entries between tenants, as in vLLM.
     #[serde(default)]
     pub cache_salt: Option<String>,
+    /// Whether the tokenizer adds its special tokens (BOS); vLLM's default for completions
+    /// is `true`. Only used when the simulator tokenizes.
+    #[serde(default)]
+    pub add_special_tokens: Option<bool>,
 }
 
 /// One content part of a chat message.

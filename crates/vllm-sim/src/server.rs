@@ -41,6 +41,8 @@ pub const MAX_BATCH: usize = 1024;
 pub struct Simulator {
     config: SimConfig,
     engine: Arc<Engine>,
+    /// The model's tokenizer and chat template, when the simulator tokenizes as vLLM does.
+    prompts: Option<Arc<vllm_prompt::Model>>,
     id_header: HeaderValue,
     overrides: Mutex<Overrides>,
     mode: watch::Sender<MetricsMode>,
@@ -57,14 +59,30 @@ impl Simulator {
     /// A simulator for `config`; out-of-range values are clamped (see
     /// [`SimConfig::sanitized`]).
     pub fn new(config: SimConfig) -> Arc<Self> {
+        Self::with_parts(config, None, None)
+    }
+
+    /// A simulator that tokenizes prompts with `prompts` (token counts, prefix blocks and KV
+    /// events then follow the model's tokenizer) and publishes its cache's changes as vLLM's
+    /// KV events through `events`.
+    pub fn with_parts(
+        config: SimConfig,
+        prompts: Option<Arc<vllm_prompt::Model>>,
+        events: Option<crate::kvevents::Publisher>,
+    ) -> Arc<Self> {
         let config = config.sanitized();
-        let engine = Arc::new(Engine::new(&config));
+        let engine = Engine::new(&config);
+        let engine = Arc::new(match events {
+            Some(p) => engine.with_events(p),
+            None => engine,
+        });
         let id_header =
             HeaderValue::from_str(&config.served_by).unwrap_or_else(|_| HeaderValue::from_static("vllm-sim"));
         let id_seed = xxh64(config.served_by.as_bytes(), engine.clock().start_unix().to_bits());
         Arc::new(Self {
             config,
             engine,
+            prompts,
             id_header,
             overrides: Mutex::new(Overrides::default()),
             mode: watch::Sender::new(MetricsMode::Ok),
@@ -97,6 +115,7 @@ impl Simulator {
                 put(admin::put_metrics_mode).get(admin::get_metrics_mode),
             )
             .route("/sim/stats", get(admin::get_stats))
+            .route("/reset_prefix_cache", post(reset_prefix_cache))
             .fallback(not_found)
             .layer(DefaultBodyLimit::max(self.config.max_body_bytes))
             .layer(axum::middleware::map_response_with_state(self.clone(), tag))
@@ -179,35 +198,63 @@ impl Simulator {
         }
     }
 
+    /// A job for one prompt: `prompt`'s bytes stand in for tokens unless the simulator
+    /// tokenizes, in which case `tokens` are the prompt's ids.
     fn job(
         &self,
         lora: &Option<Arc<str>>,
         salt: Option<&str>,
         prompt: &[u8],
+        tokens: Option<Vec<u32>>,
         max_tokens: u32,
     ) -> Result<Job, ApiError> {
-        let tokens = prompt.len().div_ceil(self.config.bytes_per_token as usize).max(1);
-        let requested = tokens as u64 + u64::from(max_tokens);
+        let count = match &tokens {
+            Some(t) => t.len().max(1),
+            None => prompt.len().div_ceil(self.config.bytes_per_token as usize).max(1),
+        };
+        let requested = count as u64 + u64::from(max_tokens);
         let max = self.config.max_model_len();
         if requested > max {
             return Err(ApiError::bad_request(format!(
                 "This model's maximum context length is {max} tokens. However, you requested \
-                 {requested} tokens ({tokens} in the messages, {max_tokens} in the completion). \
+                 {requested} tokens ({count} in the messages, {max_tokens} in the completion). \
                  Please reduce the length of the messages or completion."
             )));
         }
-        Ok(Job {
-            hashes: prompt_hashes(
+        let hashes = match &tokens {
+            // Blocks of token ids, hashed as the byte form of the ids.
+            Some(t) => {
+                let bytes: Vec<u8> = t.iter().flat_map(|id| id.to_le_bytes()).collect();
+                prompt_hashes(
+                    lora.as_deref(),
+                    salt,
+                    &bytes,
+                    self.config.block_size as usize * 4,
+                    self.config.kv_blocks as usize,
+                )
+            }
+            None => prompt_hashes(
                 lora.as_deref(),
                 salt,
                 prompt,
                 self.config.block_bytes(),
                 self.config.kv_blocks as usize,
             ),
-            prompt_tokens: tokens as u32,
+        };
+        Ok(Job {
+            hashes,
+            prompt_tokens: count as u32,
             max_tokens,
             lora: lora.clone(),
+            tokens: tokens.map(Arc::from),
+            salt: salt.map(Arc::from),
         })
+    }
+
+    /// Forgets every cached prefix (vLLM's `POST /reset_prefix_cache`, a dev-mode route);
+    /// `false` while blocks are in use, as vLLM refuses it then.
+    pub fn reset_prefix_cache(&self) -> bool {
+        self.engine.reset_prefix_cache()
     }
 
     /// Submits all jobs in order; on failure the ones already queued are aborted.
@@ -254,6 +301,11 @@ async fn tag(State(sim): State<Arc<Simulator>>, mut response: Response) -> Respo
         .headers_mut()
         .insert(HeaderName::from_static(SIM_ID_HEADER), sim.id_header.clone());
     response
+}
+
+async fn reset_prefix_cache(State(sim): State<Arc<Simulator>>) -> Response {
+    let ok = sim.reset_prefix_cache();
+    json_response(StatusCode::OK, format!("{{\"success\":{ok}}}"))
 }
 
 async fn not_found() -> Response {
@@ -334,6 +386,7 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(body)?;
     let (model, lora) = sim.resolve(req.model.as_deref())?;
+    let specials = req.add_special_tokens.unwrap_or(true);
     let prompts = match req.prompt {
         PromptInput::One(p) => vec![p],
         PromptInput::Many(ps) => ps,
@@ -346,7 +399,17 @@ async fn completions(
     let max_tokens = output_tokens(req.max_tokens, sim.config.default_output_tokens)?;
     let jobs = prompts
         .iter()
-        .map(|p| sim.job(&lora, req.cache_salt.as_deref(), p.as_bytes(), max_tokens))
+        .map(|p| {
+            let tokens = match &sim.prompts {
+                Some(m) => Some(
+                    m.tokenizer()
+                        .encode(p, specials)
+                        .map_err(|e| ApiError::bad_request(e.to_string()))?,
+                ),
+                None => None,
+            };
+            sim.job(&lora, req.cache_salt.as_deref(), p.as_bytes(), tokens, max_tokens)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let prompt_tokens = jobs
         .iter()
@@ -387,7 +450,8 @@ async fn chat(
     State(sim): State<Arc<Simulator>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse(body)?;
+    let body = body.map_err(body_error)?;
+    let req: ChatRequest = parse(Ok(body.clone()))?;
     let (model, lora) = sim.resolve(req.model.as_deref())?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty"));
@@ -396,7 +460,23 @@ async fn chat(
         req.max_completion_tokens.or(req.max_tokens),
         sim.config.default_output_tokens,
     )?;
-    let job = sim.job(&lora, req.cache_salt.as_deref(), &req.prompt_bytes(), max_tokens)?;
+    let tokens = match &sim.prompts {
+        // vLLM renders the chat template and tokenizes; a template error is a 400.
+        Some(m) => Some(
+            m.tokenize(&body, vllm_prompt::Api::Chat)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?
+                .prompts
+                .concat(),
+        ),
+        None => None,
+    };
+    let job = sim.job(
+        &lora,
+        req.cache_salt.as_deref(),
+        &req.prompt_bytes(),
+        tokens,
+        max_tokens,
+    )?;
     let usage = usage(job.prompt_tokens, max_tokens);
     let mut tickets = sim.submit_all(vec![job])?;
     let Some(ticket) = tickets.pop() else {

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use super::cache::{BlockId, KvCache};
 use super::config::SimConfig;
+use super::kvevents::{Event, Publisher};
 use super::metrics::{FINISHED_ABORT, FINISHED_LENGTH, Stats};
 
 /// Longest waiting queue; further requests are refused.
@@ -82,6 +83,10 @@ pub struct Job {
     pub max_tokens: u32,
     /// The LoRA adapter, if the request names one.
     pub lora: Option<Arc<str>>,
+    /// The prompt's token ids, when the simulator tokenizes (KV events carry them).
+    pub tokens: Option<Arc<[u32]>>,
+    /// The request's `cache_salt` (published on the first block).
+    pub salt: Option<Arc<str>>,
 }
 
 /// Why a job was refused.
@@ -137,6 +142,8 @@ pub struct EngineSnapshot {
 #[derive(Debug)]
 struct Entry {
     hashes: Vec<u64>,
+    tokens: Option<Arc<[u32]>>,
+    salt: Option<Arc<str>>,
     prompt_tokens: u32,
     max_tokens: u32,
     generated: u32,
@@ -170,6 +177,48 @@ struct State {
     waiting_loras: BTreeMap<Arc<str>, usize>,
     lora_states: BTreeMap<LoraState, f64>,
     last_lora_ts: f64,
+}
+
+/// The `BlockStored` events of the blocks a request newly cached (positions in its hashes,
+/// ascending): one per contiguous run, with its parent, its tokens and, per block, the extra
+/// keys vLLM publishes (the adapter's name; the salt on the first block).
+fn stored_events(e: &Entry, positions: &[usize], bs: usize) -> Vec<Event> {
+    let Some(tokens) = e.tokens.as_ref() else {
+        return Vec::new();
+    };
+    let mut runs: Vec<Vec<usize>> = Vec::new();
+    for p in positions {
+        match runs.last_mut() {
+            Some(run) if run.last().is_some_and(|l| l + 1 == *p) => run.push(*p),
+            _ => runs.push(vec![*p]),
+        }
+    }
+    runs.into_iter()
+        .filter_map(|run| {
+            let (first, last) = (*run.first()?, *run.last()?);
+            let slice = tokens.get(first * bs..(last + 1) * bs)?.to_vec();
+            Some(Event::Stored {
+                hashes: run.iter().filter_map(|p| e.hashes.get(*p).copied()).collect(),
+                parent: first.checked_sub(1).and_then(|p| e.hashes.get(p).copied()),
+                tokens: slice,
+                block_size: bs as u32,
+                lora_name: e.lora.as_deref().map(str::to_owned),
+                extra_keys: run
+                    .iter()
+                    .map(|p| {
+                        let mut keys: Vec<String> =
+                            e.lora.as_deref().map(str::to_owned).into_iter().collect();
+                        if *p == 0
+                            && let Some(s) = &e.salt
+                        {
+                            keys.push(s.to_string());
+                        }
+                        (!keys.is_empty()).then_some(keys)
+                    })
+                    .collect(),
+            })
+        })
+        .collect()
 }
 
 fn lora_add(map: &mut BTreeMap<Arc<str>, usize>, lora: &Option<Arc<str>>) {
@@ -209,6 +258,7 @@ pub struct Engine {
     max_loras: usize,
     clock: Clock,
     state: Mutex<State>,
+    events: Option<Publisher>,
 }
 
 enum Admission {
@@ -235,6 +285,7 @@ impl Engine {
             time_scale: config.time_scale,
             max_loras: config.max_loras as usize,
             clock: Clock::new(),
+            events: None,
             state: Mutex::new(State {
                 cache: KvCache::new(config.kv_blocks.max(1)),
                 waiting: VecDeque::new(),
@@ -249,6 +300,24 @@ impl Engine {
                 last_lora_ts: 0.0,
             }),
         }
+    }
+
+    /// The same engine, publishing its cache's changes as vLLM's KV events through
+    /// `publisher` (one message per scheduling step that changed the cache).
+    pub fn with_events(mut self, publisher: Publisher) -> Self {
+        self.events = Some(publisher);
+        self
+    }
+
+    /// Forgets every cached prefix (vLLM's `/reset_prefix_cache`); `false` while blocks are
+    /// in use. Publishes `AllBlocksCleared`.
+    pub fn reset_prefix_cache(&self) -> bool {
+        let mut st = self.state.lock();
+        let ok = st.cache.reset();
+        if ok && let Some(p) = &self.events {
+            p.publish(vec![Event::Cleared], self.clock.unix_now());
+        }
+        ok
     }
 
     /// The engine's clock.
@@ -281,6 +350,8 @@ impl Engine {
             id,
             Entry {
                 hashes: job.hashes,
+                tokens: job.tokens,
+                salt: job.salt,
                 prompt_tokens: job.prompt_tokens.max(1),
                 max_tokens,
                 generated: 0,
@@ -364,6 +435,16 @@ impl Engine {
                 continue;
             };
             let hit_tokens = (alloc.hit_blocks * bs).min(tokens) as u32;
+            if let Some(p) = &self.events {
+                let mut events: Vec<Event> = st
+                    .cache
+                    .take_evicted()
+                    .into_iter()
+                    .map(|h| Event::Removed { hashes: vec![h] })
+                    .collect();
+                events.extend(stored_events(e, &alloc.stored, bs));
+                p.publish(events, self.clock.unix_now());
+            }
             e.blocks = alloc.blocks;
             e.running = true;
             e.compute_tokens = tokens as u32 - hit_tokens;

@@ -23,6 +23,8 @@ fn job(prompt: &str, max_tokens: u32) -> Job {
         prompt_tokens: prompt.len() as u32,
         max_tokens,
         lora: None,
+        tokens: None,
+        salt: None,
     }
 }
 

@@ -74,7 +74,8 @@ fn start_pod_mode(port: u16, replay: Option<u16>) -> (Subscriber, mpsc::Receiver
 
 fn publisher(port: u16, replay: Option<u16>) -> Publisher {
     Publisher::start(PublisherConfig {
-        endpoint: format!("tcp://*:{port}"),
+        endpoint: format!("tcp://127.0.0.1:{port}"),
+        bind: Some(true),
         replay_endpoint: replay.map(|p| format!("tcp://127.0.0.1:{p}")),
         topic: "kv@127.0.0.1:8000@tiny".into(),
         buffer_steps: 100,
@@ -170,6 +171,7 @@ async fn central_mode_names_endpoints_by_topic() {
     // vLLM connects to an address without `*`.
     let p = Publisher::start(PublisherConfig {
         endpoint: format!("tcp://127.0.0.1:{port}"),
+        bind: None,
         replay_endpoint: None,
         topic: "kv@127.0.0.1:8000@tiny".into(),
         buffer_steps: 10,
@@ -183,6 +185,7 @@ async fn central_mode_names_endpoints_by_topic() {
     // Another pool's publisher: counted, dropped.
     let other = Publisher::start(PublisherConfig {
         endpoint: format!("tcp://127.0.0.1:{port}"),
+        bind: None,
         replay_endpoint: None,
         topic: "kv@10.9.9.9:8000@tiny".into(),
         buffer_steps: 10,
