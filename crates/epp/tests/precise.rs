@@ -132,6 +132,22 @@ fn the_references_examples_load() {
 }
 
 #[test]
+fn the_documented_example_loads() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/plugins.md")).unwrap();
+    let at = doc.find("### Precise prefix routing, configured").unwrap();
+    let yaml = doc[at..]
+        .split("```yaml\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let s = set(&yaml.replace("/models/llama-3.1-8b-instruct", TOKENIZER)).unwrap();
+    let producers: Vec<&str> = s.control.producers.iter().map(|p| &*p.name).collect();
+    assert_eq!(producers, ["token-producer", "precise-prefix-cache-producer"]);
+}
+
+#[test]
 fn the_deprecated_scorer_brings_its_own_producer() {
     let text = format!(
         "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n{}- type: precise-prefix-cache-scorer\n  parameters:\n    tokenProcessorConfig: {{blockSizeTokens: 16, hashSeed: \"42\"}}\n    kvEventsConfig: {{zmqEndpoint: \"tcp://127.0.0.1:0\"}}\n",

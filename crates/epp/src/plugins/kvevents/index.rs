@@ -249,25 +249,30 @@ impl PreciseIndex {
         self.stats.lookups.fetch_add(1, Ordering::Relaxed);
         let weights = self.weights();
         let now = self.now_ms(now);
-        let mut by_pod: HashMap<PodId, smallvec::SmallVec<[usize; 1]>> = HashMap::with_capacity(pods.len());
-        for (c, p) in pods.iter().enumerate() {
+        // Candidates by endpoint id (ids are small and dense): the first candidate of each
+        // id, and the next candidate with the same id (an endpoint listed twice).
+        let max_id = pods.iter().flatten().copied().max().unwrap_or(0) as usize;
+        let mut first: Vec<u32> = vec![u32::MAX; max_id + 1];
+        let mut next: Vec<u32> = vec![u32::MAX; pods.len()];
+        for (c, p) in pods.iter().enumerate().rev() {
             if let Some(p) = p {
-                by_pod.entry(*p).or_default().push(c);
+                next[c] = first[*p as usize];
+                first[*p as usize] = c as u32;
             }
         }
         // Per candidate at this key: best weight and whether only speculative.
         let mut best: Vec<Option<(f64, bool)>> = vec![None; pods.len()];
+        let mut touched: smallvec::SmallVec<[usize; 16]> = smallvec::SmallVec::new();
         for (i, key) in keys.iter().enumerate() {
             let shard = self.shards[shard_of(*key)].read();
             let Some(holders) = shard.get(key) else {
                 break;
             };
-            let mut advanced = false;
             for h in holders {
                 if h.expires != 0 && h.expires <= now {
                     continue;
                 }
-                let Some(cands) = by_pod.get(&h.pod) else {
+                let Some(&c0) = first.get(h.pod as usize) else {
                     continue;
                 };
                 let spec = h.tier == SPECULATIVE_TIER;
@@ -276,27 +281,31 @@ impl PreciseIndex {
                 } else {
                     weights[usize::from(h.tier) % 32]
                 };
-                for &c in cands {
-                    if out[c].blocks as usize != i {
-                        continue;
+                let mut c = c0;
+                while c != u32::MAX {
+                    let ci = c as usize;
+                    if out[ci].blocks as usize == i {
+                        if best[ci].is_none() {
+                            touched.push(ci);
+                        }
+                        best[ci] = Some(match best[ci] {
+                            Some((bw, bs)) => (bw.max(w), bs && spec),
+                            None => (w, spec),
+                        });
                     }
-                    best[c] = Some(match best[c] {
-                        Some((bw, bs)) => (bw.max(w), bs && spec),
-                        None => (w, spec),
-                    });
+                    c = next[ci];
                 }
             }
             drop(shard);
-            for (c, b) in best.iter_mut().enumerate() {
-                if let Some((w, spec)) = b.take() {
-                    out[c].blocks += 1;
-                    out[c].weighted += w;
-                    out[c].speculative += u32::from(spec);
-                    advanced = true;
-                }
-            }
-            if !advanced {
+            if touched.is_empty() {
                 break;
+            }
+            for ci in touched.drain(..) {
+                if let Some((w, spec)) = best[ci].take() {
+                    out[ci].blocks += 1;
+                    out[ci].weighted += w;
+                    out[ci].speculative += u32::from(spec);
+                }
             }
         }
         let top = out.iter().map(|m| m.blocks).max().unwrap_or(0);

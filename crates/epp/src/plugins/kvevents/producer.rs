@@ -265,8 +265,11 @@ impl DataProducer for PreciseProducer {
             matched: vec![0; candidates.len()],
             hashes: Vec::new(),
         };
-        let prompt = state.get(self.tokens).filter(|p| !p.has_media).cloned();
-        if let Some(prompt) = prompt {
+        let keys = state
+            .get(self.tokens)
+            .filter(|p| !p.has_media)
+            .map(|prompt| self.keys(req, prompt));
+        if let Some(keys) = keys {
             let started = std::time::Instant::now();
             let index = self.ingest.index();
             let pods: Vec<Option<PodId>> = candidates
@@ -274,7 +277,7 @@ impl DataProducer for PreciseProducer {
                 .map(|c| index.known_pod(&c.endpoint.address))
                 .collect();
             let mut weighted = vec![0.0; candidates.len()];
-            for keys in self.keys(req, &prompt) {
+            for keys in keys {
                 let m = index.lookup(&keys, &pods, req.now);
                 let best = m.iter().map(|m| m.blocks).max().unwrap_or(0);
                 self.counters.lookups.fetch_add(1, Ordering::Relaxed);
