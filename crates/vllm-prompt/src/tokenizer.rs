@@ -110,7 +110,47 @@ impl Tokenizer {
             ),
         };
         t.specials = t.probe_specials().map_err(|e| load(e.to_string()))?;
+        if !t.cuts_are_exact() {
+            // A pre-tokenizer that looks at a piece's offset (Metaspace's `prepend_scheme:
+            // first`, say) encodes a piece differently on its own: encode whole texts.
+            t.cuts = None;
+        }
         Ok(t)
+    }
+
+    /// Whether cutting after added tokens gives `tokenizers`' own ids, on probes around each
+    /// cut token.
+    fn cuts_are_exact(&self) -> bool {
+        if self.cuts.is_none() {
+            return true;
+        }
+        let tokens: Vec<String> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| !t.normalized && !t.rstrip && !t.single_word && !t.content.is_empty())
+            .map(|t| t.content)
+            .take(32)
+            .collect();
+        tokens.iter().all(|t| {
+            [
+                format!("a{t}b c"),
+                format!("{t} hello world{t}\n x"),
+                format!("  {t}  two  {t}"),
+                format!("x{t}{t}y"),
+            ]
+            .iter()
+            .all(|probe| {
+                let whole = self.encode_uncached(probe, false).ok();
+                let mut cut = Vec::new();
+                let ok = self.segments(probe).all(|seg| {
+                    self.encode_uncached(seg, false)
+                        .map(|ids| cut.extend(ids))
+                        .is_ok()
+                });
+                ok && whole.as_ref() == Some(&cut)
+            })
+        })
     }
 
     /// Finds the ids the post-processor puts before and after a sequence.
@@ -261,6 +301,45 @@ mod tests {
         assert!(segs.len() >= 5, "{segs:?}");
         assert_eq!(t.uncached_bytes(text), 0);
         assert!(t.uncached_bytes("a brand new text that nobody encoded before, long enough to count") > 0);
+    }
+
+    #[test]
+    fn offset_dependent_pre_tokenizers_are_not_cut() {
+        // Metaspace with `prepend_scheme: first` adds "▁" only at the start of the whole text:
+        // a piece encoded alone would get it too.
+        let dir = std::env::temp_dir().join(format!("vllm-prompt-metaspace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = serde_json::json!({
+            "version": "1.0",
+            "added_tokens": [{"id": 0, "content": "[INST]", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": true},
+            "post_processor": null,
+            "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {}, "unk_token": "[UNK]"}
+        });
+        let mut json = json;
+        let mut vocab = serde_json::Map::new();
+        vocab.insert("[INST]".into(), 0.into());
+        vocab.insert("[UNK]".into(), 1.into());
+        for w in ["a", "b", "c", "hello", "world", "two", "x", "y", "hi"] {
+            let n = vocab.len();
+            vocab.insert(w.into(), n.into());
+            vocab.insert(format!("\u{2581}{w}"), (n + 1).into());
+        }
+        json["model"]["vocab"] = serde_json::Value::Object(vocab);
+        let path = dir.join("tokenizer.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        let t = Tokenizer::from_file(&path, 1 << 20).unwrap();
+        assert!(t.cuts.is_none(), "cutting would change the ids");
+        let text = "[INST]hi x";
+        assert_eq!(
+            t.encode(text, false).unwrap(),
+            t.encode_uncached(text, false).unwrap()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        // The fixture's byte-level tokenizer is cut.
+        assert!(fixture("tokenizer.json").cuts.is_some());
     }
 
     #[test]

@@ -252,9 +252,10 @@ impl Simulator {
     }
 
     /// Forgets every cached prefix (vLLM's `POST /reset_prefix_cache`, a dev-mode route);
-    /// `false` while blocks are in use, as vLLM refuses it then.
-    pub fn reset_prefix_cache(&self) -> bool {
-        self.engine.reset_prefix_cache()
+    /// `false` while blocks are in use, as vLLM refuses it then, unless
+    /// `reset_running_requests` preempts the running requests first.
+    pub fn reset_prefix_cache(&self, reset_running_requests: bool) -> bool {
+        self.engine.reset_prefix_cache(reset_running_requests)
     }
 
     /// Submits all jobs in order; on failure the ones already queued are aborted.
@@ -303,8 +304,15 @@ async fn tag(State(sim): State<Arc<Simulator>>, mut response: Response) -> Respo
     response
 }
 
-async fn reset_prefix_cache(State(sim): State<Arc<Simulator>>) -> Response {
-    let ok = sim.reset_prefix_cache();
+async fn reset_prefix_cache(
+    State(sim): State<Arc<Simulator>>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let running = query.as_deref().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv == "reset_running_requests=true" || kv == "reset_running_requests=True")
+    });
+    let ok = sim.reset_prefix_cache(running);
     json_response(StatusCode::OK, format!("{{\"success\":{ok}}}"))
 }
 

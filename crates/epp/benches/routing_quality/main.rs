@@ -5,7 +5,17 @@
 //! * `epp-random`: Envoy + this EPP with `random-picker`;
 //! * `epp-default`: Envoy + this EPP with the seed ConfigMap's profile (queue, KV, prefix, weight 1);
 //! * `epp-v14`: Envoy + this EPP with the v1.4+ default weights (queue 2, KV 2, prefix 3);
-//! * `sglang`: SGLang's router, policy `cache_aware`.
+//! * `sglang`: SGLang's router, policy `cache_aware`;
+//! * `epp-precise`: Envoy + this EPP with the v1.4 weights, the prefix scorer reading the
+//!   precise producer (the servers' KV events, the model's tokenizer in process);
+//! * `epp-precise-2`, `epp-v14-2`: the same two profiles with two EPP replicas behind one
+//!   Envoy (ext_proc streams balanced between them), which share nothing.
+//!
+//! When a precise strategy runs, every strategy of that run gets servers that tokenize with the
+//! fixture model's tokenizer and publish KV events (`--tokenizer` and `--kv-events-config` of
+//! `vllm-sim`), each on its own loopback address, so all strategies see the same servers.
+//! `--reset-every <s>` resets one server's prefix cache (round robin, running requests
+//! preempted) every `s` seconds during each rate: caches emptied mid-run.
 //!
 //! The sims restart between strategies so every strategy starts with cold caches. For each
 //! strategy and rate: TTFT p50/p90/p99 (streaming, observed at the client), end-to-end
@@ -14,8 +24,9 @@
 //! Results go to stdout (a Markdown table) and `<out>/results.json`.
 //!
 //! `cargo bench --bench routing_quality -- [--rates 5,10,20,30,40] [--duration 25]
-//!  [--strategies round-robin,epp-random,epp-default,epp-v14,sglang] [--workload shared_prefix|multi_turn|control]
-//!  [--out target/routing-quality] [--sims 4] [--epp-arg=<flag> ...]`
+//!  [--strategies round-robin,epp-random,epp-default,epp-v14,sglang,epp-precise,epp-precise-2,epp-v14-2]
+//!  [--workload shared_prefix|multi_turn|control] [--out target/routing-quality] [--sims 4]
+//!  [--reset-every <seconds>] [--epp-arg=<flag> ...]`
 //!
 //! Envoy comes from `$ENVOY_BIN` or `.venv`; SGLang's router from `$SGLANG_ROUTER_PYTHON` or
 //! `.venv` (`scripts/routing-quality` installs both and plots the results).
@@ -49,15 +60,21 @@ enum Strategy {
     EppDefault,
     EppV14,
     Sglang,
+    EppPrecise,
+    EppPrecise2,
+    EppV14x2,
 }
 
 impl Strategy {
-    const ALL: [Strategy; 5] = [
+    const ALL: [Strategy; 8] = [
         Self::RoundRobin,
         Self::EppRandom,
         Self::EppDefault,
         Self::EppV14,
         Self::Sglang,
+        Self::EppPrecise,
+        Self::EppPrecise2,
+        Self::EppV14x2,
     ];
 
     fn name(self) -> &'static str {
@@ -67,6 +84,23 @@ impl Strategy {
             Self::EppDefault => "epp-default",
             Self::EppV14 => "epp-v14",
             Self::Sglang => "sglang",
+            Self::EppPrecise => "epp-precise",
+            Self::EppPrecise2 => "epp-precise-2",
+            Self::EppV14x2 => "epp-v14-2",
+        }
+    }
+
+    /// Whether the servers must publish KV events (and so tokenize).
+    fn needs_events(self) -> bool {
+        matches!(self, Self::EppPrecise | Self::EppPrecise2)
+    }
+
+    /// EPP replicas behind Envoy.
+    fn replicas(self) -> usize {
+        if matches!(self, Self::EppPrecise2 | Self::EppV14x2) {
+            2
+        } else {
+            1
         }
     }
 
@@ -84,11 +118,56 @@ plugins:
 - type: random-picker
 ";
 
+/// The KV-event ports every tokenizing server publishes on (each on its own address).
+#[derive(Debug, Clone, Copy)]
+struct EventPorts {
+    socket: u16,
+    replay: u16,
+}
+
+/// The v1.4 weights with the prefix scorer reading the precise producer, subscribed to every
+/// server (replay on), speculative entries on (as llm-d's perf configuration).
+fn precise_config(ports: EventPorts) -> String {
+    let tokenizer = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/vllm-0.32-cpu/tokenization"
+    );
+    format!(
+        "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: token-producer
+  parameters: {{local: {{path: {tokenizer}}}}}
+- type: endpoint-notification-source
+- type: precise-prefix-cache-producer
+  parameters:
+    tokenProcessorConfig: {{blockSizeTokens: 16}}
+    kvEventsConfig: {{podDiscoveryConfig: {{socketPort: {}, replaySocketPort: {}}}}}
+    speculativeIndexing: true
+- type: prefix-cache-scorer
+  parameters: {{prefixMatchInfoProducerName: precise-prefix-cache-producer}}
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+dataLayer:
+  sources:
+  - pluginRef: endpoint-notification-source
+    extractors: [{{pluginRef: precise-prefix-cache-producer}}]
+schedulingProfiles:
+- name: default
+  plugins:
+  - {{pluginRef: queue-scorer, weight: 2}}
+  - {{pluginRef: kv-cache-utilization-scorer, weight: 2}}
+  - {{pluginRef: prefix-cache-scorer, weight: 3}}
+",
+        ports.socket, ports.replay
+    )
+}
+
 /// What sits in front of the pool for one strategy; dropping it stops everything (the EPP is
 /// held only to keep it running).
 enum Front {
     Envoy(Envoy),
-    Epp(Envoy, #[allow(dead_code)] Epp),
+    Epp(Envoy, #[allow(dead_code)] Vec<Epp>),
     Sglang(sglang::SglangRouter),
 }
 
@@ -101,7 +180,12 @@ impl Front {
     }
 }
 
-async fn front(strategy: Strategy, pool: &[std::net::SocketAddr], extra_epp_args: &[String]) -> Front {
+async fn front(
+    strategy: Strategy,
+    pool: &[std::net::SocketAddr],
+    extra_epp_args: &[String],
+    events: Option<EventPorts>,
+) -> Front {
     let seed = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/default-plugins.yaml");
     let epp_args: Vec<String> = match strategy {
         Strategy::RoundRobin => return Front::Envoy(Envoy::start(Shape::RoundRobin, 0, pool).await),
@@ -115,14 +199,32 @@ async fn front(strategy: Strategy, pool: &[std::net::SocketAddr], extra_epp_args
         }
         Strategy::EppRandom => vec![format!("--config-text={RANDOM_CONFIG}")],
         Strategy::EppDefault => vec!["--config-file".into(), seed.into()],
-        Strategy::EppV14 => vec![],
+        Strategy::EppV14 | Strategy::EppV14x2 => vec![],
+        Strategy::EppPrecise | Strategy::EppPrecise2 => {
+            let ports = events.expect("a precise strategy runs on servers that publish events");
+            vec![format!("--config-text={}", precise_config(ports))]
+        }
     };
     let mut args: Vec<&str> = epp_args.iter().map(String::as_str).collect();
     args.push("--destination-limit=1");
     args.extend(extra_epp_args.iter().map(String::as_str));
-    let epp = Epp::start(pool, &args).await;
-    let envoy = Envoy::start(Shape::AiGateway, epp.grpc_port, pool).await;
-    Front::Epp(envoy, epp)
+    let mut epps = Vec::new();
+    for _ in 0..strategy.replicas() {
+        epps.push(Epp::start(pool, &args).await);
+    }
+    // Further replicas join the first one's cluster: Envoy balances ext_proc streams over them.
+    let others: Vec<u16> = epps.iter().skip(1).map(|e| e.grpc_port).collect();
+    let envoy = Envoy::start_edited(Shape::AiGateway, epps[0].grpc_port, pool, |t| {
+        let line = "        - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: {{EPP_PORT}}}}}\n";
+        let mut lines = line.to_owned();
+        for p in &others {
+            lines.push_str(&line.replace("{{EPP_PORT}}", &p.to_string()));
+        }
+        assert!(others.is_empty() || t.contains(line), "the EPP cluster's endpoint line moved");
+        t.replace(line, &lines)
+    })
+    .await;
+    Front::Epp(envoy, epps)
 }
 
 /// One request's outcome.
@@ -216,6 +318,23 @@ fn hits(sims: &[Sim]) -> (u64, u64) {
     })
 }
 
+/// Resets one server's prefix cache every `every` (round robin, running requests preempted)
+/// until dropped.
+fn resetter(sims: &[Sim], every: Duration) -> tokio::task::JoinHandle<()> {
+    let urls: Vec<String> = sims
+        .iter()
+        .map(|s| format!("http://{}/reset_prefix_cache?reset_running_requests=true", s.addr))
+        .collect();
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        for url in urls.iter().cycle() {
+            tick.tick().await;
+            let _ = client.post(url).send().await;
+        }
+    })
+}
+
 async fn run_rate(
     front: &Front,
     sims: &[Sim],
@@ -223,6 +342,7 @@ async fn run_rate(
     rate: f64,
     duration: f64,
     seed: u64,
+    reset_every: Option<Duration>,
 ) -> RateResult {
     let count = ((rate * duration).round() as usize).max(1);
     let requests = workload.requests(count, seed);
@@ -235,6 +355,7 @@ async fn run_rate(
         .unwrap();
     let url = Arc::new(front.url("/v1/chat/completions"));
     let (h0, q0) = hits(sims);
+    let resets = reset_every.map(|every| resetter(sims, every));
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(count);
     for (req, at) in requests.into_iter().zip(arrivals) {
@@ -247,6 +368,9 @@ async fn run_rate(
         samples.push(t.await.unwrap());
     }
     let wall = start.elapsed().as_secs_f64();
+    if let Some(r) = resets {
+        r.abort();
+    }
     let (h1, q1) = hits(sims);
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
     let mut ttft: Vec<Duration> = ok.iter().map(|s| s.ttft).collect();
@@ -292,6 +416,7 @@ struct Options {
     workload: Workload,
     out: PathBuf,
     sims: usize,
+    reset_every: Option<Duration>,
 }
 
 fn options() -> Options {
@@ -336,6 +461,7 @@ fn options() -> Options {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("target/routing-quality")),
         sims: get("--sims").map(|n| n.parse().unwrap()).unwrap_or(4),
+        reset_every: get("--reset-every").map(|s| Duration::from_secs_f64(s.parse().unwrap())),
     }
 }
 
@@ -356,15 +482,50 @@ async fn main() {
         "| strategy | rate | ok/sent | TTFT p50 | TTFT p90 | TTFT p99 | E2E p50 | E2E p90 | out tok/s | hit rate | spread |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let events = opts
+        .strategies
+        .iter()
+        .any(|s| s.needs_events())
+        .then(|| EventPorts {
+            socket: epp_testkit::free_port(),
+            replay: epp_testkit::free_port(),
+        });
     for strategy in &opts.strategies {
         let mut sims = Vec::new();
-        for _ in 0..opts.sims {
-            sims.push(Sim::start(sim_config).await);
+        for i in 0..opts.sims {
+            sims.push(match events {
+                None => Sim::start(sim_config).await,
+                Some(ports) => {
+                    let ip = format!("127.0.0.{}", 10 + i);
+                    Sim::start_tokenizing(
+                        format!("{ip}:0").parse().unwrap(),
+                        sim_config,
+                        Some(vllm_sim::kvevents::PublisherConfig {
+                            endpoint: format!("tcp://{ip}:{}", ports.socket),
+                            bind: Some(true),
+                            replay_endpoint: Some(format!("tcp://{ip}:{}", ports.replay)),
+                            topic: format!("kv@{ip}@tiny"),
+                            buffer_steps: 10_000,
+                            dp_rank: 0,
+                        }),
+                    )
+                    .await
+                }
+            });
         }
         let pool: Vec<_> = sims.iter().map(|s| s.addr).collect();
-        let front = front(*strategy, &pool, &opts.epp_args).await;
+        let front = front(*strategy, &pool, &opts.epp_args, events).await;
         for (i, rate) in opts.rates.iter().enumerate() {
-            let mut r = run_rate(&front, &sims, &opts.workload, *rate, opts.duration, 42 + i as u64).await;
+            let mut r = run_rate(
+                &front,
+                &sims,
+                &opts.workload,
+                *rate,
+                opts.duration,
+                42 + i as u64,
+                opts.reset_every,
+            )
+            .await;
             r.strategy = strategy.name().to_owned();
             println!(
                 "| {} | {} | {}/{} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.1} % | {:?} |",

@@ -36,8 +36,18 @@ use crate::request::ApiKind;
 
 /// Text not in the segment cache that is still encoded on the request's own thread.
 pub const INLINE_BYTES: usize = 8 << 10;
-/// Results of waited-for work kept until their request is scheduled.
-const STASH_ENTRIES: usize = 4096;
+/// Token ids of waited-for work kept until their requests are scheduled, in bytes (a request
+/// that never comes back, its client gone, gives way to newer ones).
+const STASH_BYTES: u64 = 64 << 20;
+
+#[derive(Clone)]
+struct PromptWeight;
+
+impl quick_cache::Weighter<u128, Arc<TokenizedPrompt>> for PromptWeight {
+    fn weight(&self, _key: &u128, p: &Arc<TokenizedPrompt>) -> u64 {
+        p.prompts.iter().map(|t| t.len() as u64 * 4).sum::<u64>() + 64
+    }
+}
 /// Largest render answer read.
 const MAX_RENDER_BYTES: usize = 64 << 20;
 
@@ -97,7 +107,7 @@ enum Backend {
 pub struct TokenProducer {
     backend: Backend,
     key: DataKey<TokenizedPrompt>,
-    stash: Arc<Cache<u128, Arc<TokenizedPrompt>>>,
+    stash: Arc<Cache<u128, Arc<TokenizedPrompt>, PromptWeight>>,
 }
 
 impl std::fmt::Debug for TokenProducer {
@@ -199,7 +209,7 @@ impl TokenProducer {
         Ok(Self {
             backend,
             key: DataKey::named(name),
-            stash: Arc::new(Cache::new(STASH_ENTRIES)),
+            stash: Arc::new(Cache::with_weighter(4096, STASH_BYTES, PromptWeight)),
         })
     }
 

@@ -310,12 +310,24 @@ impl Engine {
     }
 
     /// Forgets every cached prefix (vLLM's `/reset_prefix_cache`); `false` while blocks are
-    /// in use. Publishes `AllBlocksCleared`.
-    pub fn reset_prefix_cache(&self) -> bool {
-        let mut st = self.state.lock();
+    /// in use, unless `reset_running_requests` preempts the running requests first (vLLM's
+    /// query parameter of that name). Publishes `AllBlocksCleared`.
+    pub fn reset_prefix_cache(&self, reset_running_requests: bool) -> bool {
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        if reset_running_requests {
+            // vLLM preempts every running request first; they are recomputed when admitted
+            // again.
+            for victim in st.running.clone().into_iter().rev() {
+                self.preempt(st, victim);
+            }
+        }
         let ok = st.cache.reset();
         if ok && let Some(p) = &self.events {
             p.publish(vec![Event::Cleared], self.clock.unix_now());
+        }
+        if reset_running_requests {
+            self.schedule(st, Instant::now());
         }
         ok
     }

@@ -61,6 +61,8 @@ pub enum KvEvent {
         block_hashes: Vec<BlockHash>,
         /// Storage tier.
         medium: Option<String>,
+        /// KV-cache group (hybrid models).
+        group_idx: Option<i64>,
     },
     /// Every block was dropped (a cache reset).
     AllBlocksCleared,
@@ -150,7 +152,7 @@ fn event(v: &Value) -> Result<KvEvent, DecodeError> {
         "group_idx",
         "kv_cache_spec_kind",
     ];
-    const REMOVED: [&str; 2] = ["block_hashes", "medium"];
+    const REMOVED: [&str; 3] = ["block_hashes", "medium", "group_idx"];
     let (tag, fields): (&str, Vec<(&str, &Value)>) = match v {
         Value::Map(entries) => {
             let tag = entries
@@ -233,6 +235,7 @@ fn event(v: &Value) -> Result<KvEvent, DecodeError> {
         "BlockRemoved" => Ok(KvEvent::BlockRemoved {
             block_hashes: hashes(get("block_hashes"))?,
             medium: get("medium").and_then(Value::as_str).map(str::to_owned),
+            group_idx: get("group_idx").and_then(Value::as_i64),
         }),
         "AllBlocksCleared" => Ok(KvEvent::AllBlocksCleared),
         other => Err(shape(format!("unknown event type {other:?}"))),

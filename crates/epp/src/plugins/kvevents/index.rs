@@ -49,7 +49,7 @@ struct Holder {
     tier: TierId,
     /// Milliseconds since the index's epoch after which a speculative entry is void; 0 for
     /// entries from events.
-    expires: u32,
+    expires: u64,
 }
 
 type Holders = smallvec::SmallVec<[Holder; 2]>;
@@ -65,8 +65,12 @@ pub struct EngineBlock {
     /// Tokens (and identifiers) after `parent` that do not fill a block yet: only when the
     /// engine's blocks do not end on the picker's block boundaries.
     pub pending: Option<Box<(Vec<u32>, Vec<String>)>>,
-    /// The tier it was stored in.
-    pub tier: TierId,
+    /// The tiers it is held in, one bit per tier id.
+    pub tiers: u32,
+}
+
+fn bit(tier: TierId) -> u32 {
+    1u32 << (u32::from(tier) % 32)
 }
 
 impl EngineBlock {
@@ -80,7 +84,7 @@ impl EngineBlock {
         }
     }
 
-    /// A block that completed `keys` and left the chain at `state`.
+    /// A block that completed `keys`, left the chain at `state`, stored in `tier`.
     pub fn new(keys: smallvec::SmallVec<[u64; 1]>, state: &ChainState, tier: TierId) -> Self {
         let pending = (!state.pending.is_empty() || !state.pending_extra.is_empty())
             .then(|| Box::new((state.pending.clone(), state.pending_extra.clone())));
@@ -88,7 +92,7 @@ impl EngineBlock {
             keys,
             parent: state.parent,
             pending,
-            tier,
+            tiers: bit(tier),
         }
     }
 }
@@ -235,8 +239,8 @@ impl PreciseIndex {
         w
     }
 
-    fn now_ms(&self, now: Instant) -> u32 {
-        u32::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u32::MAX - 1)
+    fn now_ms(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX / 2)
     }
 
     /// For each of `pods` (in order; `None` for an endpoint the index never heard of), the
@@ -332,35 +336,44 @@ impl PreciseIndex {
     pub fn store(&self, pod: PodId, blocks: Vec<(u64, EngineBlock)>) {
         let pod_blocks = self.pod_blocks(pod);
         let mut pb = pod_blocks.lock();
-        for (hash, block) in blocks {
+        for (hash, mut block) in blocks {
+            let tier = block.tiers.trailing_zeros() as TierId;
             for key in &block.keys {
                 self.add_holder(
                     *key,
                     Holder {
                         pod,
-                        tier: block.tier,
+                        tier,
                         expires: 0,
                     },
                 );
             }
-            if let Some(old) = pb.engine.insert(hash, block) {
-                // Stored again (vLLM may store a hash twice): keys already held stay held.
-                let new_keys = &pb.engine[&hash].keys;
-                for key in old.keys.iter().filter(|k| !new_keys.contains(k)) {
-                    self.remove_holder(*key, pod, Some(old.tier));
+            match pb.engine.get_mut(&hash) {
+                // Stored again (vLLM may store a hash twice, or in another tier): keys the
+                // new record does not cover lose this endpoint.
+                Some(old) => {
+                    for key in old.keys.iter().filter(|k| !block.keys.contains(k)) {
+                        self.remove_holder(*key, pod, None);
+                    }
+                    block.tiers |= old.tiers;
+                    *old = block;
                 }
-            } else {
-                pb.order.push_back(hash);
+                None => {
+                    pb.engine.insert(hash, block);
+                    pb.order.push_back(hash);
+                }
             }
         }
-        // The bound: this endpoint gives up its oldest blocks while the index is over.
-        while self.keys.load(Ordering::Relaxed) > self.max_keys {
+        // The bounds: this endpoint gives up its oldest blocks while the index holds too many
+        // keys, or the endpoint too many engine blocks (a publisher repeating tokens under new
+        // hashes adds engine blocks without keys).
+        while self.keys.load(Ordering::Relaxed) > self.max_keys || pb.engine.len() > self.max_keys {
             let Some(oldest) = pb.order.pop_front() else {
                 break;
             };
             if let Some(old) = pb.engine.remove(&oldest) {
                 for key in &old.keys {
-                    self.remove_holder(*key, pod, Some(old.tier));
+                    self.remove_holder(*key, pod, None);
                 }
             }
         }
@@ -370,10 +383,11 @@ impl PreciseIndex {
     /// no tokens: the blocks were copied to another tier, e.g. CPU offload).
     pub fn add_tier(&self, pod: PodId, engine_hashes: &[u64], tier: TierId) -> usize {
         let pod_blocks = self.pod_blocks(pod);
-        let pb = pod_blocks.lock();
+        let mut pb = pod_blocks.lock();
         let mut n = 0;
         for h in engine_hashes {
-            if let Some(b) = pb.engine.get(h) {
+            if let Some(b) = pb.engine.get_mut(h) {
+                b.tiers |= bit(tier);
                 for key in &b.keys {
                     self.add_holder(
                         *key,
@@ -390,20 +404,21 @@ impl PreciseIndex {
         n
     }
 
-    /// `pod` evicted its engine blocks `engine_hashes` from `tier` (`None`: any tier).
+    /// `pod` evicted its engine blocks `engine_hashes` from `tier` (`None`: every tier). A
+    /// block is forgotten once no tier holds it.
     pub fn remove(&self, pod: PodId, engine_hashes: &[u64], tier: Option<TierId>) -> usize {
         let pod_blocks = self.pod_blocks(pod);
         let mut pb = pod_blocks.lock();
         let mut n = 0;
         for h in engine_hashes {
-            let Some(b) = pb.engine.get(h) else {
+            let Some(b) = pb.engine.get_mut(h) else {
                 continue;
             };
-            let tier_matches = tier.is_none_or(|t| t == b.tier);
             for key in &b.keys {
                 n += usize::from(self.remove_holder(*key, pod, tier));
             }
-            if tier_matches {
+            b.tiers &= !tier.map_or(u32::MAX, bit);
+            if b.tiers == 0 {
                 pb.engine.remove(h);
             }
         }
@@ -421,43 +436,60 @@ impl PreciseIndex {
     }
 
     /// Forgets everything `pod` holds, speculative entries included (a cache reset, a
-    /// publisher restart, lost events, the endpoint leaving).
+    /// publisher restart, lost events, the endpoint leaving). Every shard is swept, so holders
+    /// recorded by a store that raced with the clear go too.
     pub fn clear(&self, pod: PodId) {
         let pod_blocks = self.pod_blocks(pod);
         let mut pb = pod_blocks.lock();
-        let engine = std::mem::take(&mut pb.engine);
-        pb.order.clear();
-        drop(pb);
-        for (_, b) in engine {
-            for key in &b.keys {
-                self.remove_holder(*key, pod, None);
-            }
-        }
-        // Speculative entries are not in the engine map: sweep them everywhere.
+        pb.engine = HashMap::new();
+        pb.order = VecDeque::new();
         for shard in self.shards.iter() {
             let mut shard = shard.write();
-            let mut dropped = 0;
+            let (mut spec, mut evicted, mut emptied) = (0, 0, 0);
             shard.retain(|_, holders| {
                 let before = holders.len();
-                holders.retain(|h| !(h.pod == pod && h.tier == SPECULATIVE_TIER));
-                dropped += before - holders.len();
-                !holders.is_empty()
+                holders.retain(|h| {
+                    let mine = h.pod == pod;
+                    if mine {
+                        if h.tier == SPECULATIVE_TIER {
+                            spec += 1;
+                        } else {
+                            evicted += 1;
+                        }
+                    }
+                    !mine
+                });
+                let keep = !holders.is_empty();
+                emptied += usize::from(!keep && before > 0);
+                keep
             });
-            if dropped > 0 {
-                self.speculative.fetch_sub(dropped, Ordering::Relaxed);
-            }
+            self.sub_speculative(spec);
+            self.sub_keys(emptied);
+            self.stats.evictions.fetch_add(evicted as u64, Ordering::Relaxed);
         }
-        self.recount();
+    }
+
+    fn sub_keys(&self, n: usize) {
+        if n > 0 {
+            let _ = self.keys.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |k| {
+                Some(k.saturating_sub(n))
+            });
+        }
+    }
+
+    fn sub_speculative(&self, n: usize) {
+        if n > 0 {
+            let _ = self
+                .speculative
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |k| {
+                    Some(k.saturating_sub(n))
+                });
+        }
     }
 
     /// Drops the engine map of an endpoint that left (after [`Self::clear`]).
     pub fn forget(&self, pod: PodId) {
         self.blocks.write().remove(&pod);
-    }
-
-    fn recount(&self) {
-        let n: usize = self.shards.iter().map(|s| s.read().len()).sum();
-        self.keys.store(n, Ordering::Relaxed);
     }
 
     /// Records speculatively that `pod` will hold `keys` for `ttl` (the pick was just made;
@@ -468,7 +500,7 @@ impl PreciseIndex {
         }
         let expires = self
             .now_ms(now)
-            .saturating_add(u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX))
+            .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX / 4))
             .max(1);
         for key in keys {
             let mut shard = self.shards[shard_of(*key)].write();
@@ -513,10 +545,8 @@ impl PreciseIndex {
             emptied += usize::from(!keep);
             keep
         });
-        if dropped > 0 {
-            self.speculative.fetch_sub(dropped, Ordering::Relaxed);
-            self.keys.fetch_sub(emptied, Ordering::Relaxed);
-        }
+        self.sub_speculative(dropped);
+        self.sub_keys(emptied);
     }
 
     /// Number of shards (for the sweeper).
@@ -544,11 +574,16 @@ impl PreciseIndex {
         if !pods.contains(&holder.pod) && pods.len() >= self.pods_per_key {
             // The oldest endpoint's entries give way.
             let oldest = pods[0];
+            let spec = holders
+                .iter()
+                .filter(|h| h.pod == oldest && h.tier == SPECULATIVE_TIER)
+                .count();
             let before = holders.len();
             holders.retain(|h| h.pod != oldest);
+            self.sub_speculative(spec);
             self.stats
                 .evictions
-                .fetch_add((before - holders.len()) as u64, Ordering::Relaxed);
+                .fetch_add((before - holders.len() - spec) as u64, Ordering::Relaxed);
         }
         holders.push(holder);
         self.stats.admissions.fetch_add(1, Ordering::Relaxed);
@@ -568,7 +603,7 @@ impl PreciseIndex {
         let removed = before - holders.len();
         if holders.is_empty() {
             shard.remove(&key);
-            self.keys.fetch_sub(1, Ordering::Relaxed);
+            self.sub_keys(1);
         }
         self.stats.evictions.fetch_add(removed as u64, Ordering::Relaxed);
         removed > 0
@@ -619,6 +654,45 @@ mod tests {
         ix.clear(b);
         assert_eq!(ix.lookup(&[1], &[Some(b)], now)[1 - 1].blocks, 0);
         assert_eq!(ix.keys(), 1, "only a's key 3 is left");
+    }
+
+    #[test]
+    fn tiers_come_and_go_one_by_one() {
+        let ix = index();
+        let now = Instant::now();
+        let p = ix.pod("10.0.0.1:8000".parse().unwrap());
+        let cpu = ix.tier(Some("cpu"));
+        ix.store(p, vec![(100, block(&[1], 0))]);
+        // Offloaded to CPU, then dropped from GPU: the CPU copy still counts, at its weight.
+        assert_eq!(ix.add_tier(p, &[100], cpu), 1);
+        ix.remove(p, &[100], Some(0));
+        let m = ix.lookup(&[1], &[Some(p)], now)[0];
+        assert_eq!(m.blocks, 1);
+        assert!((m.weighted - 0.8).abs() < 1e-9);
+        // Then from CPU: gone, engine block and all.
+        ix.remove(p, &[100], Some(cpu));
+        assert_eq!(ix.lookup(&[1], &[Some(p)], now)[0].blocks, 0);
+        assert_eq!((ix.engine_blocks(p), ix.keys()), (0, 0));
+    }
+
+    #[test]
+    fn counters_stay_exact_when_holders_give_way() {
+        let ix = PreciseIndex::new(1000, 1, &[]);
+        let now = Instant::now();
+        let (a, b) = (
+            ix.pod("10.0.0.1:1".parse().unwrap()),
+            ix.pod("10.0.0.2:1".parse().unwrap()),
+        );
+        ix.speculate(a, &[7], Duration::from_secs(5), now);
+        assert_eq!(ix.speculative_entries(), 1);
+        // One endpoint per key: b's store pushes a's speculative entry out.
+        ix.store(b, vec![(1, block(&[7], 0))]);
+        assert_eq!((ix.speculative_entries(), ix.keys()), (0, 1));
+        ix.clear(b);
+        assert_eq!((ix.speculative_entries(), ix.keys()), (0, 0));
+        // Clearing what was never there does not wrap the count.
+        ix.clear(a);
+        assert_eq!(ix.keys(), 0);
     }
 
     #[test]

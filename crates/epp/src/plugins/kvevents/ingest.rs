@@ -27,6 +27,8 @@ use super::keys::{ChainState, KeyScheme};
 /// At most this many adapter names are remembered (from events); later ones are not
 /// recognised on the request side.
 pub const MAX_ADAPTERS: usize = 1024;
+/// At most this many (endpoint, group) pairs are remembered.
+pub const MAX_GROUPS: usize = 65_536;
 
 /// An engine block hash as a `u64`: integers as they are, byte digests by their last 8 bytes
 /// read big-endian (what vLLM publishes as the integer form of the same digest).
@@ -75,6 +77,8 @@ pub struct Applied {
     pub cleared: usize,
     /// Stored blocks skipped, with why.
     pub skipped: Vec<(Skip, &'static str)>,
+    /// Removed blocks skipped (a group that is not indexed).
+    pub skipped_removals: usize,
 }
 
 /// Applies events to an index; shared by the ingestion workers.
@@ -82,6 +86,9 @@ pub struct Ingest {
     index: Arc<PreciseIndex>,
     scheme: KeyScheme,
     adapters: ArcSwap<HashSet<Arc<str>>>,
+    /// Per endpoint and KV-cache group: whether the group is indexed (learned from its
+    /// stores; at most [`MAX_GROUPS`] remembered).
+    groups: parking_lot::Mutex<std::collections::HashMap<(PodId, i64), bool>>,
     /// Messages applied.
     pub messages: AtomicU64,
 }
@@ -152,6 +159,7 @@ impl Ingest {
             index,
             scheme,
             adapters: ArcSwap::from_pointee(HashSet::new()),
+            groups: parking_lot::Mutex::new(std::collections::HashMap::new()),
             messages: AtomicU64::new(0),
         }
     }
@@ -191,7 +199,20 @@ impl Ingest {
         for event in events {
             match event {
                 KvEvent::BlockStored(s) => self.stored(pod, s, &mut out),
-                KvEvent::BlockRemoved { block_hashes, medium } => {
+                KvEvent::BlockRemoved {
+                    block_hashes,
+                    medium,
+                    group_idx,
+                } => {
+                    // A group other than a full-attention one (or one never seen storing)
+                    // evicts on its own schedule: its hashes may name full-attention blocks
+                    // that are still there.
+                    if let Some(g) = group_idx
+                        && self.groups.lock().get(&(pod, *g)) != Some(&true)
+                    {
+                        out.skipped_removals += block_hashes.len();
+                        continue;
+                    }
                     let hashes: Vec<u64> = block_hashes.iter().map(engine_hash).collect();
                     let tier = self.index.tier(medium.as_deref());
                     self.index.remove(pod, &hashes, Some(tier));
@@ -208,6 +229,12 @@ impl Ingest {
 
     fn stored(&self, pod: PodId, s: &BlockStored, out: &mut Applied) {
         let kind = s.kv_cache_spec_kind.as_deref();
+        if let Some(g) = s.group_idx {
+            let mut groups = self.groups.lock();
+            if groups.len() < MAX_GROUPS || groups.contains_key(&(pod, g)) {
+                groups.insert((pod, g), indexable(kind));
+            }
+        }
         if !indexable(kind) {
             out.skipped.push((Skip::UnsupportedCacheKind, kind_label(kind)));
             return;
@@ -290,6 +317,8 @@ impl Sequence {
             None if seq == 0 => Step::Next,
             None => Step::Gap { from: 0 },
             Some(last) if seq == last.wrapping_add(1) => Step::Next,
+            // A second 0 is a new process that published once (PUB/SUB does not repeat).
+            Some(0) if seq == 0 => Step::Restart,
             Some(last) if seq == last => Step::Repeat,
             // vLLM starts every publisher at 0 and PUB/SUB does not repeat messages: a lower
             // number is a new process.

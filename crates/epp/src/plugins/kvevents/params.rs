@@ -68,7 +68,8 @@ pub struct KvBlockIndexConfig {
     pub redis_config: Option<serde_yaml::Value>,
     /// Count index operations in the metrics.
     pub enable_metrics: Option<bool>,
-    /// Log the index's counters this often (nanoseconds, as v0.10 decodes it).
+    /// Log the index's counters this often (nanoseconds, as v0.10 decodes it). Acts with or
+    /// without `enableMetrics` (v0.10's own samples set it beside `enableMetrics: false`).
     pub metrics_logging_interval: Option<i64>,
 }
 
@@ -163,6 +164,8 @@ pub struct Resolved {
     pub replay_port: Option<u16>,
     /// Label selector (`key=value` pairs, all must match).
     pub selector: Vec<(String, String)>,
+    /// Whether `podDiscoveryConfig` was written (it acts only when endpoints are followed).
+    pub pod_discovery_written: bool,
     /// Speculative indexing.
     pub speculative: bool,
     /// Its TTL.
@@ -275,9 +278,6 @@ impl PreciseParams {
                 ));
             }
         };
-        if log_interval.is_some() && !enable_metrics {
-            return Err("metricsLoggingInterval only acts with enableMetrics: true".into());
-        }
         let ev = self.kv_events_config.clone().unwrap_or_default();
         match ev.engine_type.as_deref() {
             None | Some("") | Some("vllm") => {}
@@ -355,6 +355,7 @@ impl PreciseParams {
             socket_port,
             replay_port,
             selector,
+            pod_discovery_written: ev.pod_discovery_config.is_some(),
             speculative,
             speculative_ttl,
         })
@@ -404,6 +405,15 @@ mod tests {
         let r = resolve("indexerConfig: {kvBlockIndexConfig: {costAwareMemoryConfig: {size: 2GiB}, enableMetrics: true, metricsLoggingInterval: 6000000000}}").unwrap();
         assert_eq!(r.max_keys, (2u64 << 30) as usize / BYTES_PER_KEY as usize);
         assert_eq!(r.log_interval, Some(Duration::from_secs(6)));
+        // v0.10's own sample logs without enabling the counters.
+        let r = resolve(
+            "indexerConfig: {kvBlockIndexConfig: {enableMetrics: false, metricsLoggingInterval: 6000000000}}",
+        )
+        .unwrap();
+        assert_eq!(
+            (r.enable_metrics, r.log_interval),
+            (false, Some(Duration::from_secs(6)))
+        );
     }
 
     #[test]
@@ -430,10 +440,6 @@ mod tests {
             ("kvEventsConfig: {zmqEndpoint: \"localhost:5557\"}", "tcp://"),
             ("speculativeTTL: 5s", "speculativeIndexing"),
             ("tokenProcessorConfig: {blockSizeTokens: -3}", "blockSizeTokens"),
-            (
-                "indexerConfig: {kvBlockIndexConfig: {metricsLoggingInterval: 60}}",
-                "enableMetrics",
-            ),
             (
                 "indexerConfig: {kvBlockIndexConfig: {metricsLoggingInterval: 1m, enableMetrics: true}}",
                 "metricsLoggingInterval",

@@ -432,6 +432,10 @@ impl PreciseProducer {
                         .inc();
                 }
                 Work::Clear { pod } => ingest.index().clear(pod),
+                Work::Forget { pod } => {
+                    ingest.index().clear(pod);
+                    ingest.index().forget(pod);
+                }
             }
         }
     }
@@ -447,8 +451,11 @@ impl EndpointExtractor for PreciseProducer {
     }
 
     fn idle(&self) -> Option<String> {
-        (!self.has_event_source()).then(|| {
-            "it receives no KV events: set kvEventsConfig.zmqEndpoint (engines connect to the EPP) or list it as an extractor of an endpoint-notification-source in dataLayer.sources (the EPP connects to each endpoint's publisher)".into()
+        if !self.has_event_source() {
+            return Some("it receives no KV events: set kvEventsConfig.zmqEndpoint (engines connect to the EPP) or list it as an extractor of an endpoint-notification-source in dataLayer.sources (the EPP connects to each endpoint's publisher)".into());
+        }
+        (self.config.pod_discovery_written && !self.follow_pods.load(Ordering::Relaxed)).then(|| {
+            "kvEventsConfig.podDiscoveryConfig only acts when the producer follows the pool's endpoints: list it as an extractor of an endpoint-notification-source, or remove podDiscoveryConfig".into()
         })
     }
 }
@@ -481,6 +488,7 @@ impl SubscribingSource for PreciseProducer {
                 topic_filter: self.config.topic_filter.clone(),
             };
             let resolver = self.resolver(ctx.store.clone());
+            let departures = workers.clone();
             let started = tokio::task::spawn_blocking(move || Subscriber::start(config, resolver, workers))
                 .await
                 .map_err(|e| SourceError::Failed(format!("KV-event subscriber: {e}")))?;
@@ -508,9 +516,11 @@ impl SubscribingSource for PreciseProducer {
                     .map(|e| (e.endpoint.address, e.endpoint.name.clone()))
                     .collect();
                 for (gone, name) in live.iter().filter(|a| !now_live.contains(a)) {
-                    if let Some(pod) = self.ingest.index().known_pod(gone) {
-                        self.ingest.index().clear(pod);
-                        self.ingest.index().forget(pod);
+                    if let Some(pod) = self.ingest.index().known_pod(gone)
+                        && let Some(w) = departures.get(pod as usize % departures.len().max(1))
+                    {
+                        // Through the endpoint's worker, behind its queued events.
+                        let _ = w.send(Work::Forget { pod }).await;
                     }
                     self.received.remove(&vec![("pod_identifier", name.to_string())]);
                 }
@@ -534,8 +544,10 @@ impl SubscribingSource for PreciseProducer {
                         }
                         _ = sweep.tick() => {
                             // All 64 shards every 3.2 s: expired speculative entries go.
-                            self.ingest.index().sweep(shard, Instant::now());
-                            shard = (shard + 1) % PreciseIndex::SHARDS;
+                            if self.ingest.index().speculative_entries() > 0 {
+                                self.ingest.index().sweep(shard, Instant::now());
+                                shard = (shard + 1) % PreciseIndex::SHARDS;
+                            }
                         }
                         _ = async { match &mut log { Some(t) => { t.tick().await; } None => std::future::pending().await } } => {
                             let ix = self.ingest.index();

@@ -67,8 +67,14 @@ pub enum Work {
         /// Its events.
         events: Vec<KvEvent>,
     },
-    /// Drop everything `pod` holds (restart, lost history, departure).
+    /// Drop everything `pod` holds (restart, lost history).
     Clear {
+        /// The endpoint.
+        pod: PodId,
+    },
+    /// `pod` left the pool: drop everything and forget it (queued behind its events, so that
+    /// none is applied after).
+    Forget {
         /// The endpoint.
         pod: PodId,
     },
@@ -341,7 +347,7 @@ impl Io {
 
     fn send(&self, work: Work) {
         let pod = match &work {
-            Work::Events { pod, .. } | Work::Clear { pod } => *pod,
+            Work::Events { pod, .. } | Work::Clear { pod } | Work::Forget { pod } => *pod,
         };
         let n = self.workers.len().max(1);
         if let Some(w) = self.workers.get(pod as usize % n) {
@@ -565,7 +571,7 @@ impl Io {
             if let Some(sub) = self.pods.get_mut(&pod) {
                 sub.seq.applied(m.seq);
                 if let Some(r) = &mut sub.replay {
-                    r.next = m.seq + 1;
+                    r.next = m.seq.saturating_add(1);
                 }
             }
             self.send_events(pod, m.events);

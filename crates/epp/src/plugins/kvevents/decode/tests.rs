@@ -72,7 +72,12 @@ fn check_capture(dir: &str) -> (usize, usize) {
                     assert_eq!(s.token_ids.len(), s.block_hashes.len() * s.block_size as usize);
                     stored_blocks += s.block_hashes.len();
                 }
-                (KvEvent::BlockRemoved { block_hashes, medium }, "BlockRemoved") => {
+                (
+                    KvEvent::BlockRemoved {
+                        block_hashes, medium, ..
+                    },
+                    "BlockRemoved",
+                ) => {
                     assert_eq!(*block_hashes, hashes(j));
                     assert_eq!(medium.as_deref(), j["medium"].as_str());
                 }
@@ -162,7 +167,8 @@ fn the_positional_form_and_byte_hashes() {
         m.events[1],
         KvEvent::BlockRemoved {
             block_hashes: vec![BlockHash::U64(u64::MAX)],
-            medium: None
+            medium: None,
+            group_idx: None,
         }
     );
     assert_eq!(m.events[2], KvEvent::AllBlocksCleared);

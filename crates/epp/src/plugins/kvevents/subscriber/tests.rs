@@ -38,7 +38,7 @@ async fn collect(rx: &mut mpsc::Receiver<Work>, want: usize) -> Vec<u64> {
             .unwrap_or_else(|_| panic!("timed out with {out:?}"))
             .unwrap();
         match work {
-            Work::Clear { .. } => out.push(0),
+            Work::Clear { .. } | Work::Forget { .. } => out.push(0),
             Work::Events { events, .. } => {
                 for e in events {
                     if let KvEvent::BlockStored(s) = e {
