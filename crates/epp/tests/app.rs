@@ -55,7 +55,8 @@ async fn health(addr: SocketAddr, service: &str) -> ServingStatus {
 }
 
 async fn wait_serving(addr: SocketAddr) {
-    for _ in 0..250 {
+    // Up to 20 s: on a loaded 2-core machine the first scrape can take a while.
+    for _ in 0..1000 {
         if health(addr, "inference-extension").await == ServingStatus::Serving {
             return;
         }

@@ -116,6 +116,9 @@ impl Simulator {
             )
             .route("/sim/stats", get(admin::get_stats))
             .route("/reset_prefix_cache", post(reset_prefix_cache))
+            .route("/tokenize", post(tokenize))
+            .route("/v1/chat/completions/render", post(render_chat))
+            .route("/v1/completions/render", post(render_completion))
             .fallback(not_found)
             .layer(DefaultBodyLimit::max(self.config.max_body_bytes))
             .layer(axum::middleware::map_response_with_state(self.clone(), tag))
@@ -314,6 +317,90 @@ async fn reset_prefix_cache(
     });
     let ok = sim.reset_prefix_cache(running);
     json_response(StatusCode::OK, format!("{{\"success\":{ok}}}"))
+}
+
+/// The model's tokens for a request body, or 404 when the simulator does not tokenize (a
+/// router then falls back as it would for a vLLM build without these routes).
+fn token_ids(sim: &Simulator, body: &[u8], api: vllm_prompt::Api) -> Result<Vec<Vec<u32>>, Box<Response>> {
+    let Some(model) = &sim.prompts else {
+        return Err(Box::new(json_response(
+            StatusCode::NOT_FOUND,
+            r#"{"detail":"Not Found"}"#.to_owned(),
+        )));
+    };
+    model
+        .tokenize(body, api)
+        .map(|p| p.prompts)
+        .map_err(|e| Box::new(ApiError::bad_request(e.to_string()).into_response()))
+}
+
+/// vLLM's `POST /tokenize`: `messages` (chat) or `prompt` (completion) → `{count,
+/// max_model_len, tokens, token_strs}`.
+async fn tokenize(State(sim): State<Arc<Simulator>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_error(e).into_response(),
+    };
+    let is_chat =
+        serde_json::from_slice::<serde_json::Value>(&body).is_ok_and(|v| v.get("messages").is_some());
+    let api = if is_chat {
+        vllm_prompt::Api::Chat
+    } else {
+        vllm_prompt::Api::Completions
+    };
+    match token_ids(&sim, &body, api) {
+        Ok(mut p) => {
+            let tokens = if p.is_empty() {
+                Vec::new()
+            } else {
+                p.swap_remove(0)
+            };
+            let out = serde_json::json!({
+                "count": tokens.len(),
+                "max_model_len": sim.config.max_model_len(),
+                "tokens": tokens,
+                "token_strs": null,
+            });
+            json_response(StatusCode::OK, out.to_string())
+        }
+        Err(r) => *r,
+    }
+}
+
+/// vLLM's `POST /v1/chat/completions/render`: the prompt's `token_ids` (no media here).
+async fn render_chat(State(sim): State<Arc<Simulator>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_error(e).into_response(),
+    };
+    match token_ids(&sim, &body, vllm_prompt::Api::Chat) {
+        Ok(p) => json_response(
+            StatusCode::OK,
+            serde_json::json!({"token_ids": p.concat(), "features": null}).to_string(),
+        ),
+        Err(r) => *r,
+    }
+}
+
+/// vLLM's `POST /v1/completions/render`: one `{token_ids}` per prompt.
+async fn render_completion(
+    State(sim): State<Arc<Simulator>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_error(e).into_response(),
+    };
+    match token_ids(&sim, &body, vllm_prompt::Api::Completions) {
+        Ok(p) => {
+            let list: Vec<serde_json::Value> = p
+                .into_iter()
+                .map(|t| serde_json::json!({"token_ids": t}))
+                .collect();
+            json_response(StatusCode::OK, serde_json::Value::Array(list).to_string())
+        }
+        Err(r) => *r,
+    }
 }
 
 async fn not_found() -> Response {

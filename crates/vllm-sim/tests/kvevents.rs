@@ -155,3 +155,57 @@ async fn events_carry_the_tokens_a_real_vllm_published() {
     let (_, _, events) = next(&sub).unwrap();
     assert_eq!(field(&events[0], "type").as_str(), Some("AllBlocksCleared"));
 }
+
+#[tokio::test]
+async fn tokenize_and_render_answer_as_vllm() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let model = Arc::new(vllm_prompt::Model::load(std::path::Path::new(KV), 1 << 20).unwrap());
+    let sim = Simulator::with_parts(SimConfig::default(), Some(model), None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, sim, std::future::pending()));
+    let client = reqwest::Client::new();
+    for line in std::fs::read_to_string(format!("{KV}/tokenize_cases.jsonl"))
+        .unwrap()
+        .lines()
+        .take(20)
+    {
+        let case: Json = serde_json::from_str(line).unwrap();
+        let body = case["request"].to_string();
+        let r = client
+            .post(format!("http://{addr}/tokenize"))
+            .body(body.clone())
+            .header("content-type", "application/json")
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let r: Json = serde_json::from_slice(&r).unwrap();
+        assert_eq!(r["tokens"], case["response"]["tokens"], "{}", case["id"]);
+        assert_eq!(r["count"], case["response"]["count"]);
+        let path = if case["kind"] == "chat" {
+            "/v1/chat/completions/render"
+        } else {
+            "/v1/completions/render"
+        };
+        let r = client
+            .post(format!("http://{addr}{path}"))
+            .body(body)
+            .header("content-type", "application/json")
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let r: Json = serde_json::from_slice(&r).unwrap();
+        let ids = if case["kind"] == "chat" {
+            &r["token_ids"]
+        } else {
+            &r[0]["token_ids"]
+        };
+        assert_eq!(*ids, case["response"]["tokens"], "{}", case["id"]);
+    }
+}

@@ -9,7 +9,9 @@
 //! * `epp-precise`: Envoy + this EPP with the v1.4 weights, the prefix scorer reading the
 //!   precise producer (the servers' KV events, the model's tokenizer in process);
 //! * `epp-precise-2`, `epp-v14-2`: the same two profiles with two EPP replicas behind one
-//!   Envoy (ext_proc streams balanced between them), which share nothing.
+//!   Envoy (ext_proc streams balanced between them), which share nothing;
+//! * `vllm-router-kv-aware`: vLLM's own router (PyPI `vllm-router`), policy `kv_aware`, on the
+//!   same servers' KV events (it asks each server's `/v1/chat/completions/render` for tokens).
 //!
 //! When a precise strategy runs, every strategy of that run gets servers that tokenize with the
 //! fixture model's tokenizer and publish KV events (`--tokenizer` and `--kv-events-config` of
@@ -29,7 +31,8 @@
 //!  [--reset-every <seconds>] [--epp-arg=<flag> ...]`
 //!
 //! Envoy comes from `$ENVOY_BIN` or `.venv`; SGLang's router from `$SGLANG_ROUTER_PYTHON` or
-//! `.venv` (`scripts/routing-quality` installs both and plots the results).
+//! `.venv`; vLLM's router from `$VLLM_ROUTER_BIN` or `.venv` (`scripts/routing-quality` installs
+//! them and plots the results).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod workload;
@@ -63,10 +66,11 @@ enum Strategy {
     EppPrecise,
     EppPrecise2,
     EppV14x2,
+    KvAware,
 }
 
 impl Strategy {
-    const ALL: [Strategy; 8] = [
+    const ALL: [Strategy; 9] = [
         Self::RoundRobin,
         Self::EppRandom,
         Self::EppDefault,
@@ -75,6 +79,7 @@ impl Strategy {
         Self::EppPrecise,
         Self::EppPrecise2,
         Self::EppV14x2,
+        Self::KvAware,
     ];
 
     fn name(self) -> &'static str {
@@ -87,12 +92,13 @@ impl Strategy {
             Self::EppPrecise => "epp-precise",
             Self::EppPrecise2 => "epp-precise-2",
             Self::EppV14x2 => "epp-v14-2",
+            Self::KvAware => "vllm-router-kv-aware",
         }
     }
 
     /// Whether the servers must publish KV events (and so tokenize).
     fn needs_events(self) -> bool {
-        matches!(self, Self::EppPrecise | Self::EppPrecise2)
+        matches!(self, Self::EppPrecise | Self::EppPrecise2 | Self::KvAware)
     }
 
     /// EPP replicas behind Envoy.
@@ -169,6 +175,7 @@ enum Front {
     Envoy(Envoy),
     Epp(Envoy, #[allow(dead_code)] Vec<Epp>),
     Sglang(sglang::SglangRouter),
+    VllmRouter(VllmRouter),
 }
 
 impl Front {
@@ -176,7 +183,79 @@ impl Front {
         match self {
             Front::Envoy(e) | Front::Epp(e, _) => e.url(path),
             Front::Sglang(r) => format!("{}{path}", r.url),
+            Front::VllmRouter(r) => format!("http://127.0.0.1:{}{path}", r.port),
         }
+    }
+}
+
+/// vLLM's router with `kv_aware`, subscribed to each server's KV events; killed on drop.
+struct VllmRouter {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for VllmRouter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl VllmRouter {
+    async fn start(pool: &[std::net::SocketAddr], events: EventPorts) -> Self {
+        let bin = std::env::var("VLLM_ROUTER_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../../.venv/bin/vllm-router"
+                ))
+            });
+        let port = epp_testkit::free_port();
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "--prometheus-host",
+                "127.0.0.1",
+                "--prometheus-port",
+                &epp_testkit::free_port().to_string(),
+            ])
+            .arg("--worker-urls")
+            .args(pool.iter().map(|a| format!("http://{a}")))
+            .args(["--policy", "kv_aware", "--router-temperature", "0"])
+            .args(["--kv-event-model", "tiny", "--kv-event-block-size", "16"])
+            .args(["--worker-startup-check-interval", "1", "--log-level", "warning"]);
+        for a in pool {
+            cmd.args([
+                "--kv-event-source",
+                &format!("http://{a}=tcp://{}:{}", a.ip(), events.socket),
+            ]);
+        }
+        let log = std::env::temp_dir().join(format!("vllm-router-{port}.log"));
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {}: {e} (scripts/ensure-vllm-router installs it)",
+                    bin.display()
+                )
+            });
+        let router = Self { child, port };
+        let client = reqwest::Client::new();
+        for _ in 0..600 {
+            if let Ok(r) = client.get(format!("http://127.0.0.1:{port}/health")).send().await
+                && r.status().is_success()
+            {
+                return router;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "vllm-router did not start; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
 }
 
@@ -203,6 +282,10 @@ async fn front(
         Strategy::EppPrecise | Strategy::EppPrecise2 => {
             let ports = events.expect("a precise strategy runs on servers that publish events");
             vec![format!("--config-text={}", precise_config(ports))]
+        }
+        Strategy::KvAware => {
+            let ports = events.expect("kv_aware runs on servers that publish events");
+            return Front::VllmRouter(VllmRouter::start(pool, ports).await);
         }
     };
     let mut args: Vec<&str> = epp_args.iter().map(String::as_str).collect();
@@ -504,7 +587,13 @@ async fn main() {
                             endpoint: format!("tcp://{ip}:{}", ports.socket),
                             bind: Some(true),
                             replay_endpoint: Some(format!("tcp://{ip}:{}", ports.replay)),
-                            topic: format!("kv@{ip}@tiny"),
+                            // vllm-router subscribes to the empty topic; the EPP's filter
+                            // is the reference's `kv@`.
+                            topic: if *strategy == Strategy::KvAware {
+                                String::new()
+                            } else {
+                                format!("kv@{ip}@tiny")
+                            },
                             buffer_steps: 10_000,
                             dp_rank: 0,
                         }),
