@@ -192,6 +192,7 @@ impl Front {
 struct VllmRouter {
     child: std::process::Child,
     port: u16,
+    metrics_port: u16,
 }
 
 impl Drop for VllmRouter {
@@ -202,6 +203,21 @@ impl Drop for VllmRouter {
 }
 
 impl VllmRouter {
+    /// Its KV-routing counters (`vllm_router_kv_*`), for the log.
+    async fn kv_counters(&self) -> String {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .await
+            .ok();
+        let text = match text {
+            Some(r) => r.text().await.unwrap_or_default(),
+            None => String::new(),
+        };
+        text.lines()
+            .filter(|l| l.starts_with("vllm_router_kv_"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     async fn start(pool: &[std::net::SocketAddr], events: EventPorts) -> Self {
         let bin = std::env::var("VLLM_ROUTER_BIN")
             .map(PathBuf::from)
@@ -212,13 +228,14 @@ impl VllmRouter {
                 ))
             });
         let port = epp_testkit::free_port();
+        let metrics_port = epp_testkit::free_port();
         let mut cmd = std::process::Command::new(&bin);
         cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args([
                 "--prometheus-host",
                 "127.0.0.1",
                 "--prometheus-port",
-                &epp_testkit::free_port().to_string(),
+                &metrics_port.to_string(),
             ])
             .arg("--worker-urls")
             .args(pool.iter().map(|a| format!("http://{a}")))
@@ -242,7 +259,11 @@ impl VllmRouter {
                     bin.display()
                 )
             });
-        let router = Self { child, port };
+        let router = Self {
+            child,
+            port,
+            metrics_port,
+        };
         let client = reqwest::Client::new();
         for _ in 0..600 {
             if let Ok(r) = client.get(format!("http://127.0.0.1:{port}/health")).send().await
@@ -632,6 +653,9 @@ async fn main() {
                 r.spread
             );
             results.push(r);
+            if let Front::VllmRouter(router) = &front {
+                eprintln!("vllm-router: {}", router.kv_counters().await);
+            }
         }
         drop(front);
         drop(sims);
