@@ -246,6 +246,7 @@ mod e2e {
                     topic: format!("kv@{ip}@tiny"),
                     buffer_steps: 1000,
                     dp_rank: 0,
+                    ..Default::default()
                 }),
             )
             .await;

@@ -90,10 +90,18 @@ struct KvEventsConfig {
     buffer_steps: usize,
     #[serde(default)]
     topic: String,
-    #[serde(default)]
-    hwm: Option<u64>,
-    #[serde(default)]
-    max_queue_size: Option<u64>,
+    #[serde(default = "default_hwm")]
+    hwm: i32,
+    #[serde(default = "default_queue")]
+    max_queue_size: usize,
+}
+
+fn default_hwm() -> i32 {
+    100_000
+}
+
+fn default_queue() -> usize {
+    100_000
 }
 
 fn default_endpoint() -> String {
@@ -112,7 +120,6 @@ impl Cli {
             return Ok(None);
         };
         let c: KvEventsConfig = serde_json::from_str(text).map_err(|e| format!("--kv-events-config: {e}"))?;
-        let _ = (c.hwm, c.max_queue_size);
         if !c.enable_kv_cache_events || c.publisher.as_deref() == Some("null") {
             return Ok(None);
         }
@@ -129,6 +136,8 @@ impl Cli {
             topic: c.topic,
             buffer_steps: c.buffer_steps,
             dp_rank: 0,
+            hwm: c.hwm,
+            max_queue_size: c.max_queue_size,
         }))
     }
 

@@ -144,6 +144,26 @@ pub struct PublisherConfig {
     pub buffer_steps: usize,
     /// Data-parallel rank written in each batch.
     pub dp_rank: i64,
+    /// The PUB socket's send high-water mark (vLLM's `hwm`, 100,000).
+    pub hwm: i32,
+    /// Batches queued for the publishing thread before `publish` blocks (vLLM's
+    /// `max_queue_size`, 100,000): a stalled publisher stalls the engine, as in vLLM.
+    pub max_queue_size: usize,
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "tcp://*:5557".into(),
+            bind: None,
+            replay_endpoint: None,
+            topic: String::new(),
+            buffer_steps: 10_000,
+            dp_rank: 0,
+            hwm: 100_000,
+            max_queue_size: 100_000,
+        }
+    }
 }
 
 /// Why the publisher could not start.
@@ -172,7 +192,7 @@ enum Msg {
 
 /// The publisher; dropping it stops its thread.
 pub struct Publisher {
-    tx: std::sync::mpsc::Sender<Msg>,
+    tx: std::sync::mpsc::SyncSender<Msg>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     sent: Arc<AtomicU64>,
@@ -210,7 +230,7 @@ impl Publisher {
         };
         let ctx = zmq::Context::new();
         let pub_socket = ctx.socket(zmq::PUB).map_err(err(&config.endpoint))?;
-        pub_socket.set_sndhwm(100_000).map_err(err(&config.endpoint))?;
+        pub_socket.set_sndhwm(config.hwm).map_err(err(&config.endpoint))?;
         pub_socket.set_linger(0).map_err(err(&config.endpoint))?;
         let binds = config.bind.unwrap_or_else(|| {
             config.endpoint.contains('*')
@@ -237,7 +257,7 @@ impl Publisher {
             None => None,
         };
         let replay_endpoint = replay.as_ref().map(|(_, b)| b.clone());
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, rx) = std::sync::mpsc::sync_channel(config.max_queue_size.max(1));
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let (thread_stop, thread_sent) = (stop.clone(), sent.clone());

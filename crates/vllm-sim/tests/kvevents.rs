@@ -64,6 +64,7 @@ async fn events_carry_the_tokens_a_real_vllm_published() {
         topic: "kv@127.0.0.1:8000@tiny".into(),
         buffer_steps: 100,
         dp_rank: 0,
+        ..Default::default()
     })
     .unwrap();
     let model = Arc::new(vllm_prompt::Model::load(std::path::Path::new(KV), 1 << 20).unwrap());

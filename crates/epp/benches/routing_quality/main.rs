@@ -617,6 +617,7 @@ async fn main() {
                             },
                             buffer_steps: 10_000,
                             dp_rank: 0,
+                            ..Default::default()
                         }),
                     )
                     .await

@@ -80,6 +80,7 @@ fn publisher(port: u16, replay: Option<u16>) -> Publisher {
         topic: "kv@127.0.0.1:8000@tiny".into(),
         buffer_steps: 100,
         dp_rank: 0,
+        ..Default::default()
     })
     .unwrap()
 }
@@ -176,6 +177,7 @@ async fn central_mode_names_endpoints_by_topic() {
         topic: "kv@127.0.0.1:8000@tiny".into(),
         buffer_steps: 10,
         dp_rank: 0,
+        ..Default::default()
     })
     .unwrap();
     join(&p, &mut rx).await;
@@ -190,6 +192,7 @@ async fn central_mode_names_endpoints_by_topic() {
         topic: "kv@10.9.9.9:8000@tiny".into(),
         buffer_steps: 10,
         dp_rank: 0,
+        ..Default::default()
     })
     .unwrap();
     for _ in 0..50 {
