@@ -66,24 +66,18 @@ impl ContentFormat {
             let Some((_, iter)) = body.split_once(" in ") else {
                 continue;
             };
-            // Drop filters, tests, conditions and a trailing slice.
+            // Drop filters, tests and conditions, then a closing bracket or a trailing slice:
+            // `m['content']` ends in `['content'`, `m['content'][1:]` in `['content']`.
             let target = iter.split(['|', ' ']).next().unwrap_or("").trim();
-            let target = target.split('[').fold(String::new(), |mut acc, piece| {
-                if !acc.is_empty() {
-                    acc.push('[');
-                }
-                acc.push_str(piece);
-                acc
-            });
-            let target =
-                target.trim_end_matches(|c: char| c == ']' || c == ':' || c.is_ascii_digit() || c == '-');
-            let target = target.trim_end_matches('[');
+            let target = target
+                .trim_end_matches(|c: char| c == ']' || c == ':' || c.is_ascii_digit() || c == '-')
+                .trim_end_matches('[');
             if target == "content"
                 || target.ends_with(".content")
-                || target.ends_with("['content']")
-                || target.ends_with("[\"content\"]")
                 || target.ends_with("['content'")
                 || target.ends_with("[\"content\"")
+                || target.ends_with("['content']")
+                || target.ends_with("[\"content\"]")
             {
                 return Self::OpenAi;
             }

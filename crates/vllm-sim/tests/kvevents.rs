@@ -157,6 +157,20 @@ async fn events_carry_the_tokens_a_real_vllm_published() {
     assert_eq!(field(&events[0], "type").as_str(), Some("AllBlocksCleared"));
 }
 
+async fn post_json(client: &reqwest::Client, url: &str, body: String) -> Json {
+    let r = client
+        .post(url)
+        .body(body)
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    serde_json::from_slice(&r).unwrap()
+}
+
 #[tokio::test]
 async fn tokenize_and_render_answer_as_vllm() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -173,17 +187,7 @@ async fn tokenize_and_render_answer_as_vllm() {
     {
         let case: Json = serde_json::from_str(line).unwrap();
         let body = case["request"].to_string();
-        let r = client
-            .post(format!("http://{addr}/tokenize"))
-            .body(body.clone())
-            .header("content-type", "application/json")
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        let r: Json = serde_json::from_slice(&r).unwrap();
+        let r = post_json(&client, &format!("http://{addr}/tokenize"), body.clone()).await;
         assert_eq!(r["tokens"], case["response"]["tokens"], "{}", case["id"]);
         assert_eq!(r["count"], case["response"]["count"]);
         let path = if case["kind"] == "chat" {
@@ -191,17 +195,7 @@ async fn tokenize_and_render_answer_as_vllm() {
         } else {
             "/v1/completions/render"
         };
-        let r = client
-            .post(format!("http://{addr}{path}"))
-            .body(body)
-            .header("content-type", "application/json")
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        let r: Json = serde_json::from_slice(&r).unwrap();
+        let r = post_json(&client, &format!("http://{addr}{path}"), body).await;
         let ids = if case["kind"] == "chat" {
             &r["token_ids"]
         } else {

@@ -42,8 +42,19 @@ pub struct TokenizedPrompt {
     /// them.
     pub has_media: bool,
     /// Media items with their placeholder positions and the engine's identifiers (from a
-    /// render backend), as `(identifier, offset, length)` in token positions, by offset.
-    pub media: Vec<(String, usize, usize)>,
+    /// render backend), by offset.
+    pub media: Vec<MediaSpan>,
+}
+
+/// A multimodal item's placeholder tokens in a prompt, with the engine's identifier for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaSpan {
+    /// The item's hash as the engine names it (vLLM's `mm_hash`).
+    pub identifier: String,
+    /// First placeholder token.
+    pub offset: usize,
+    /// Placeholder tokens.
+    pub length: usize,
 }
 
 /// The output tokens an in-flight producer estimates for the request and counts against its

@@ -198,6 +198,14 @@ impl DataKind {
     }
 }
 
+/// Adds `read` to the readers of `name` in `map` (creating it with `help`).
+fn push_reader(map: &mut BTreeMap<String, (String, Vec<GaugeFn>)>, name: &str, help: &str, read: GaugeFn) {
+    map.entry(name.to_owned())
+        .or_insert_with(|| (help.to_owned(), Vec::new()))
+        .1
+        .push(read);
+}
+
 /// Registers plugin-owned metric families. Plugins ask for them when they are built; families
 /// with one name are shared by every instance (the reference registers each family once).
 #[derive(Clone, Default)]
@@ -250,26 +258,14 @@ impl PluginMetrics {
     /// A gauge `name` whose value is the sum of every registered `read`, computed when the
     /// metrics are scraped.
     pub fn gauge_fn(&self, name: &str, help: &str, read: GaugeFn) {
-        let mut inner = self.inner.lock();
-        inner
-            .gauges
-            .entry(name.to_owned())
-            .or_insert_with(|| (help.to_owned(), Vec::new()))
-            .1
-            .push(read);
+        push_reader(&mut self.inner.lock().gauges, name, help, read);
     }
 
     /// A counter `name` (without `_total`) whose value is the sum of every registered `read`,
     /// computed when the metrics are scraped: counters kept in the plugin's own atomics, so
     /// the request path touches no metric family.
     pub fn counter_fn(&self, name: &str, help: &str, read: GaugeFn) {
-        let mut inner = self.inner.lock();
-        inner
-            .counter_fns
-            .entry(name.to_owned())
-            .or_insert_with(|| (help.to_owned(), Vec::new()))
-            .1
-            .push(read);
+        push_reader(&mut self.inner.lock().counter_fns, name, help, read);
     }
 
     /// The counter family `name` (created on first use).

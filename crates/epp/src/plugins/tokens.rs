@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 use vllm_prompt::{Api, Model};
 
 use crate::config::cli::go_duration;
-use crate::framework::attributes::TokenizedPrompt;
+use crate::framework::attributes::{MediaSpan, TokenizedPrompt};
 use crate::framework::data::{CycleState, DataKey};
 use crate::framework::requestcontrol::{DataProducer, Wait};
 use crate::framework::scheduling::{Candidate, SchedulingRequest};
@@ -237,7 +237,7 @@ fn convert(p: vllm_prompt::Prompt) -> TokenizedPrompt {
 
 /// A render answer's media items: `mm_hashes` and `mm_placeholders` per modality, paired in
 /// order, sorted by offset.
-fn media_items(features: Option<&serde_json::Value>) -> Vec<(String, usize, usize)> {
+fn media_items(features: Option<&serde_json::Value>) -> Vec<MediaSpan> {
     let Some(f) = features else {
         return Vec::new();
     };
@@ -263,10 +263,14 @@ fn media_items(features: Option<&serde_json::Value>) -> Vec<(String, usize, usiz
             ) else {
                 continue;
             };
-            out.push((h.to_owned(), offset as usize, length as usize));
+            out.push(MediaSpan {
+                identifier: h.to_owned(),
+                offset: offset as usize,
+                length: length as usize,
+            });
         }
     }
-    out.sort_by_key(|m| m.1);
+    out.sort_by_key(|m| m.offset);
     out
 }
 

@@ -16,6 +16,7 @@
 //! No lock covers the whole index.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -25,6 +26,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::time::{Duration, Instant};
 
 use super::keys::ChainState;
+use crate::plugins::prefix::AddrHasher;
 
 const SHARDS: usize = 64;
 
@@ -133,9 +135,11 @@ pub struct PreciseIndex {
     keys: AtomicUsize,
     speculative: AtomicUsize,
     pods: ArcSwap<HashMap<SocketAddr, PodId>>,
-    pod_writer: Mutex<PodTable>,
+    /// Serialises interning; the next id to give.
+    pod_writer: Mutex<PodId>,
     blocks: RwLock<HashMap<PodId, Arc<Mutex<PodBlocks>>>>,
-    tiers: RwLock<Vec<(String, f64)>>,
+    /// Tier names and weights: read on every lookup, changed when an engine names a new tier.
+    tiers: ArcSwap<Tiers>,
     max_keys: usize,
     pods_per_key: usize,
     epoch: Instant,
@@ -143,10 +147,20 @@ pub struct PreciseIndex {
     pub stats: IndexStats,
 }
 
-#[derive(Debug, Default)]
-struct PodTable {
-    next: PodId,
-    addrs: HashMap<SocketAddr, PodId>,
+/// The tiers seen so far: names by id, and each id's weight (1 for unnamed ids).
+#[derive(Debug, Clone)]
+struct Tiers {
+    names: Vec<String>,
+    weights: [f64; 32],
+}
+
+impl Tiers {
+    fn position(&self, name: &str) -> Option<TierId> {
+        self.names
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(name))
+            .map(|i| i as TierId)
+    }
 }
 
 impl std::fmt::Debug for PreciseIndex {
@@ -172,9 +186,20 @@ impl PreciseIndex {
             keys: AtomicUsize::new(0),
             speculative: AtomicUsize::new(0),
             pods: ArcSwap::from_pointee(HashMap::new()),
-            pod_writer: Mutex::new(PodTable::default()),
+            pod_writer: Mutex::new(0),
             blocks: RwLock::new(HashMap::new()),
-            tiers: RwLock::new(tiers.iter().map(|(n, w)| (n.to_ascii_lowercase(), *w)).collect()),
+            tiers: ArcSwap::from_pointee({
+                let names: Vec<String> = tiers
+                    .iter()
+                    .take(32)
+                    .map(|(n, _)| n.to_ascii_lowercase())
+                    .collect();
+                let mut weights = [1.0; 32];
+                for (i, (_, w)) in tiers.iter().take(32).enumerate() {
+                    weights[i] = *w;
+                }
+                Tiers { names, weights }
+            }),
             max_keys: max_keys.max(1),
             pods_per_key: pods_per_key.max(1),
             epoch: Instant::now(),
@@ -197,14 +222,16 @@ impl PreciseIndex {
         if let Some(id) = self.pods.load().get(&addr) {
             return *id;
         }
-        let mut table = self.pod_writer.lock();
-        if let Some(id) = table.addrs.get(&addr) {
+        let mut next = self.pod_writer.lock();
+        let current = self.pods.load();
+        if let Some(id) = current.get(&addr) {
             return *id;
         }
-        let id = table.next;
-        table.next += 1;
-        table.addrs.insert(addr, id);
-        self.pods.store(Arc::new(table.addrs.clone()));
+        let id = *next;
+        *next += 1;
+        let mut addrs = HashMap::clone(&current);
+        addrs.insert(addr, id);
+        self.pods.store(Arc::new(addrs));
         id
     }
 
@@ -216,27 +243,24 @@ impl PreciseIndex {
     /// The tier id of a `medium` (`None` is GPU, as the engine's default). At most 32 tiers
     /// are told apart; later ones share the last id.
     pub fn tier(&self, medium: Option<&str>) -> TierId {
-        let name = medium.map_or_else(|| "gpu".to_owned(), str::to_ascii_lowercase);
-        if let Some(i) = self.tiers.read().iter().position(|(n, _)| *n == name) {
-            return i as TierId;
+        let name = medium.unwrap_or("gpu");
+        if let Some(i) = self.tiers.load().position(name) {
+            return i;
         }
-        let mut tiers = self.tiers.write();
-        if let Some(i) = tiers.iter().position(|(n, _)| *n == name) {
-            return i as TierId;
-        }
-        if tiers.len() >= 32 {
-            return 31;
-        }
-        tiers.push((name, 1.0));
-        (tiers.len() - 1) as TierId
-    }
-
-    fn weights(&self) -> [f64; 32] {
-        let mut w = [1.0; 32];
-        for (i, (_, weight)) in self.tiers.read().iter().enumerate().take(32) {
-            w[i] = *weight;
-        }
-        w
+        let mut id = 31;
+        self.tiers.rcu(|t| {
+            let mut t = Tiers::clone(t);
+            id = match t.position(name) {
+                Some(i) => i,
+                None if t.names.len() < 32 => {
+                    t.names.push(name.to_ascii_lowercase());
+                    (t.names.len() - 1) as TierId
+                }
+                None => 31,
+            };
+            t
+        });
+        id
     }
 
     fn now_ms(&self, now: Instant) -> u64 {
@@ -251,17 +275,18 @@ impl PreciseIndex {
             return out;
         }
         self.stats.lookups.fetch_add(1, Ordering::Relaxed);
-        let weights = self.weights();
+        let tiers = self.tiers.load();
+        let weights = &tiers.weights;
         let now = self.now_ms(now);
-        // Candidates by endpoint id (ids are small and dense): the first candidate of each
-        // id, and the next candidate with the same id (an endpoint listed twice).
-        let max_id = pods.iter().flatten().copied().max().unwrap_or(0) as usize;
-        let mut first: Vec<u32> = vec![u32::MAX; max_id + 1];
+        // Candidates by endpoint id: the first candidate of each id, and the next candidate
+        // with the same id (an endpoint listed twice). Sized by the candidates, not by the
+        // ids ever given (departed endpoints keep theirs).
+        let mut first: HashMap<PodId, u32, BuildHasherDefault<AddrHasher>> =
+            HashMap::with_capacity_and_hasher(pods.len(), BuildHasherDefault::default());
         let mut next: Vec<u32> = vec![u32::MAX; pods.len()];
         for (c, p) in pods.iter().enumerate().rev() {
             if let Some(p) = p {
-                next[c] = first[*p as usize];
-                first[*p as usize] = c as u32;
+                next[c] = first.insert(*p, c as u32).unwrap_or(u32::MAX);
             }
         }
         // Per candidate at this key: best weight and whether only speculative.
@@ -276,7 +301,7 @@ impl PreciseIndex {
                 if h.expires != 0 && h.expires <= now {
                     continue;
                 }
-                let Some(&c0) = first.get(h.pod as usize) else {
+                let Some(&c0) = first.get(&h.pod) else {
                     continue;
                 };
                 let spec = h.tier == SPECULATIVE_TIER;

@@ -22,6 +22,8 @@
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
+pub use crate::framework::attributes::MediaSpan;
+
 /// Tokens per block when the configuration does not say (llm-d-router v0.10's default, and
 /// vLLM's default block size).
 pub const DEFAULT_BLOCK_TOKENS: usize = 16;
@@ -31,17 +33,6 @@ pub const DEFAULT_BLOCK_TOKENS: usize = 16;
 pub struct KeyScheme {
     block_tokens: usize,
     seed: u64,
-}
-
-/// A multimodal item's placeholder tokens in a prompt, with the engine's identifier for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MediaSpan {
-    /// The item's hash as the engine names it (vLLM's `mm_hash`).
-    pub identifier: String,
-    /// First placeholder token.
-    pub offset: usize,
-    /// Placeholder tokens.
-    pub length: usize,
 }
 
 /// Where a chain stands after some tokens: the key of its last full block and the tokens
@@ -84,7 +75,7 @@ impl KeyScheme {
     }
 
     /// The key of a block with `tokens` after `parent`, with `extra` identifiers.
-    pub fn block_key(&self, parent: u64, tokens: &[u32], extra: &[String]) -> u64 {
+    pub fn block_key<S: AsRef<str>>(&self, parent: u64, tokens: &[u32], extra: &[S]) -> u64 {
         let mut h = Xxh3::new();
         h.update(&parent.to_le_bytes());
         // Tokens as little-endian bytes, in one update per 64 tokens.
@@ -96,6 +87,7 @@ impl KeyScheme {
             h.update(&buf[..chunk.len() * 4]);
         }
         for e in extra {
+            let e = e.as_ref();
             // Lengths keep (tokens, identifiers) apart.
             h.update(&(e.len() as u64 | 1 << 63).to_le_bytes());
             h.update(e.as_bytes());
@@ -117,7 +109,7 @@ impl KeyScheme {
         out: &mut Vec<u64>,
     ) {
         let mut parent = self.root(lora);
-        let mut extra: Vec<String> = Vec::new();
+        let mut extra: Vec<&str> = Vec::new();
         for (i, block) in tokens
             .chunks_exact(self.block_tokens)
             .take(max_blocks)
@@ -129,12 +121,12 @@ impl KeyScheme {
                 media
                     .iter()
                     .filter(|m| m.offset < end && m.offset + m.length > start)
-                    .map(|m| m.identifier.clone()),
+                    .map(|m| m.identifier.as_str()),
             );
             if i == 0
                 && let Some(s) = salt
             {
-                extra.push(s.to_owned());
+                extra.push(s);
             }
             parent = self.block_key(parent, block, &extra);
             out.push(parent);

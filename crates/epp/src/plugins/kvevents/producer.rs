@@ -28,7 +28,7 @@ use tokio::time::{Duration, Instant};
 
 use super::index::{PodId, PreciseIndex};
 use super::ingest::Ingest;
-use super::keys::{KeyScheme, MediaSpan};
+use super::keys::KeyScheme;
 use super::params::Resolved;
 use super::subscriber::{Resolver, Subscriber, SubscriberConfig, Target, Work};
 use crate::datalayer::{Endpoint, EndpointState, EndpointStore};
@@ -226,15 +226,6 @@ impl PreciseProducer {
             .ingest
             .is_adapter(req.target_model)
             .then_some(req.target_model);
-        let media: Vec<MediaSpan> = prompt
-            .media
-            .iter()
-            .map(|(identifier, offset, length)| MediaSpan {
-                identifier: identifier.clone(),
-                offset: *offset,
-                length: *length,
-            })
-            .collect();
         prompt
             .prompts
             .iter()
@@ -245,7 +236,7 @@ impl PreciseProducer {
                     tokens,
                     lora,
                     req.cache_salt,
-                    &media,
+                    &prompt.media,
                     MAX_BLOCKS,
                     &mut keys,
                 );
@@ -350,10 +341,10 @@ pub fn rank_of(endpoint: &Endpoint) -> u16 {
 }
 
 fn tcp(ip: IpAddr, port: u16) -> String {
-    match ip {
-        IpAddr::V4(v4) => format!("tcp://{v4}:{port}"),
-        IpAddr::V6(v6) => format!("tcp://[{v6}]:{port}"),
-    }
+    format!(
+        "tcp://{}",
+        crate::datalayer::format_hostport(SocketAddr::new(ip, port))
+    )
 }
 
 impl PreciseProducer {

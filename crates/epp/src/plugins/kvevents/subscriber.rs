@@ -473,7 +473,12 @@ impl Io {
                     _ => 0,
                 };
                 if matches!(step, Step::Restart) {
+                    // A new process: what it held is dropped once, and it is followed from
+                    // its start as if joining now.
                     self.send(Work::Clear { pod });
+                    if let Some(sub) = self.pods.get_mut(&pod) {
+                        sub.seq = Sequence::default();
+                    }
                 }
                 let replay = self.pods.get(&pod).and_then(|s| s.target.replay.clone());
                 match replay {

@@ -169,11 +169,11 @@ impl PrefixIndex {
     }
 }
 
-/// FxHash-style hasher for socket addresses: the map is probed once per candidate per
-/// request, where SipHash's DoS resistance buys nothing (keys come from discovery, not
-/// clients).
+/// FxHash-style hasher for small keys that come from discovery, not clients (socket
+/// addresses, endpoint ids): maps probed per candidate per request, where SipHash's DoS
+/// resistance buys nothing.
 #[derive(Default)]
-struct AddrHasher(u64);
+pub(crate) struct AddrHasher(u64);
 
 impl Hasher for AddrHasher {
     fn finish(&self) -> u64 {

@@ -13,6 +13,7 @@ mod lru;
 mod producer;
 mod scorer;
 
+pub(crate) use index::AddrHasher;
 pub use index::{DEFAULT_CAPACITY_PER_ENDPOINT, PrefixIndex};
 pub use lru::LruSet;
 pub use producer::{PRODUCER_PARAMS, PrefixProducer, ProducerParams};

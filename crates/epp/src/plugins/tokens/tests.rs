@@ -124,7 +124,10 @@ fn render_answers_name_media() {
         "mm_placeholders": {"image": [{"offset": 40, "length": 10}, {"offset": 5, "length": 3}]}
     });
     assert_eq!(
-        media_items(Some(&f)),
+        media_items(Some(&f))
+            .into_iter()
+            .map(|m| (m.identifier, m.offset, m.length))
+            .collect::<Vec<_>>(),
         vec![("h1".into(), 5, 3), ("h2".into(), 40, 10)]
     );
     assert!(media_items(None).is_empty());

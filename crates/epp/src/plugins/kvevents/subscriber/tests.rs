@@ -4,18 +4,11 @@
 
 use std::time::Duration;
 
+use epp_testkit::free_port;
 use tokio::sync::mpsc;
 use vllm_sim::kvevents::{Event, Publisher, PublisherConfig};
 
 use super::*;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn stored(h: u64) -> Event {
     Event::Stored {
