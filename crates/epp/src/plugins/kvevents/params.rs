@@ -13,7 +13,7 @@ use crate::config::cli::go_duration;
 
 /// Bytes one key costs in the index with its engine block (`docs/benchmarks.md`, the
 /// `index_memory` bench): how `costAwareMemoryConfig.size` becomes a key bound.
-pub const BYTES_PER_KEY: u64 = 225;
+pub const BYTES_PER_KEY: u64 = 242;
 
 /// The producer's parameters as written.
 #[derive(Debug, Default, Clone, Deserialize)]
