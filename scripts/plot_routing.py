@@ -1,5 +1,6 @@
-"""Plots TTFT p90 against request rate, one line per routing strategy, from the JSON the
-routing_quality bench writes. Usage: plot_routing.py results.json out.png"""
+"""Plots TTFT p90 and the servers' prefix-cache hit rate against request rate, one line per
+routing strategy, from the JSON the routing_quality bench writes.
+Usage: plot_routing.py results.json out.png"""
 import json
 import sys
 
@@ -15,17 +16,23 @@ def main(src: str, dst: str) -> None:
     for r in rows:
         if r["strategy"] not in strategies:
             strategies.append(r["strategy"])
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    fig, (ttft, hits) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
     for s in strategies:
-        pts = sorted((r["rate"], r["ttft_p90"]) for r in rows if r["strategy"] == s)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
-    ax.set_xlabel("request rate (requests/s, Poisson)")
-    ax.set_ylabel("TTFT p90 (s)")
-    ax.set_yscale("log")
+        pts = sorted((r["rate"], r["ttft_p90"], r["hit_rate"]) for r in rows if r["strategy"] == s)
+        rates = [p[0] for p in pts]
+        ttft.plot(rates, [p[1] for p in pts], marker="o", label=s)
+        hits.plot(rates, [100 * p[2] for p in pts], marker="o", label=s)
     workload = rows[0]["workload"] if rows else ""
-    ax.set_title(f"Time to first token, p90 ({workload}, 4 simulated vLLM servers)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ttft.set_title(f"TTFT p90 ({workload}, 4 simulated vLLM servers)")
+    ttft.set_ylabel("seconds (log)")
+    ttft.set_yscale("log")
+    hits.set_title("prefix-cache hit rate at the servers")
+    hits.set_ylabel("%")
+    hits.set_ylim(0, 100)
+    for ax in (ttft, hits):
+        ax.set_xlabel("request rate (requests/s, Poisson)")
+        ax.grid(True, which="both", alpha=0.3)
+    hits.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(dst)
 

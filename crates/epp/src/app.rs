@@ -413,8 +413,9 @@ async fn follow_pool(
     let mut collected_live = true;
     let mut generation = None;
     loop {
-        let snapshot = store.load();
+        // Seen before loading: a change landing after the load wakes the select below.
         changes.mark_unchanged();
+        let snapshot = store.load();
         if generation != Some(snapshot.generation()) {
             generation = Some(snapshot.generation());
             for hook in &hooks {

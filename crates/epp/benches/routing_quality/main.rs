@@ -23,12 +23,13 @@
 //! strategy and rate: TTFT p50/p90/p99 (streaming, observed at the client), end-to-end
 //! latency p50/p90, output tokens/s, the sims' prefix-cache hit rate
 //! (`prefix_cache_hits / prefix_cache_queries`) and the spread of requests over the sims.
-//! Results go to stdout (a Markdown table) and `<out>/results.json`.
+//! Results go to stdout (a Markdown table) and `<out>/results-<workload>[-seed<n>].json`.
 //!
 //! `cargo bench --bench routing_quality -- [--rates 5,10,20,30,40] [--duration 25]
-//!  [--strategies round-robin,epp-random,epp-default,epp-v14,sglang,epp-precise,epp-precise-2,epp-v14-2]
+//!  [--strategies round-robin,epp-random,epp-default,epp-v14,sglang,epp-precise,epp-precise-2,epp-v14-2,
+//!  vllm-router-kv-aware]
 //!  [--workload shared_prefix|multi_turn|control] [--out target/routing-quality] [--sims 4]
-//!  [--reset-every <seconds>] [--epp-arg=<flag> ...]`
+//!  [--reset-every <seconds>] [--seed 42] [--epp-arg=<flag> ...]`
 //!
 //! Envoy comes from `$ENVOY_BIN` or `.venv`; SGLang's router from `$SGLANG_ROUTER_PYTHON` or
 //! `.venv`; vLLM's router from `$VLLM_ROUTER_BIN` or `.venv` (`scripts/routing-quality` installs
@@ -521,6 +522,8 @@ struct Options {
     out: PathBuf,
     sims: usize,
     reset_every: Option<Duration>,
+    /// First seed; rate `i` uses `seed + i` (repeat a run with another seed to see its spread).
+    seed: u64,
 }
 
 fn options() -> Options {
@@ -566,6 +569,7 @@ fn options() -> Options {
             .unwrap_or_else(|| PathBuf::from("target/routing-quality")),
         sims: get("--sims").map(|n| n.parse().unwrap()).unwrap_or(4),
         reset_every: get("--reset-every").map(|s| Duration::from_secs_f64(s.parse().unwrap())),
+        seed: get("--seed").map(|s| s.parse().unwrap()).unwrap_or(42),
     }
 }
 
@@ -633,7 +637,7 @@ async fn main() {
                 &opts.workload,
                 *rate,
                 opts.duration,
-                42 + i as u64,
+                opts.seed + i as u64,
                 opts.reset_every,
             )
             .await;
@@ -662,7 +666,14 @@ async fn main() {
         drop(sims);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let path = opts.out.join(format!("results-{}.json", opts.workload.name()));
+    let suffix = if opts.seed == 42 {
+        String::new()
+    } else {
+        format!("-seed{}", opts.seed)
+    };
+    let path = opts
+        .out
+        .join(format!("results-{}{suffix}.json", opts.workload.name()));
     std::fs::write(&path, serde_json::to_string_pretty(&results).unwrap()).unwrap();
     println!("\nresults: {}", path.display());
 }

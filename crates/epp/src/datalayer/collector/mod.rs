@@ -218,8 +218,10 @@ impl Supervisor {
         drop(self.first);
         let interval = self.plan.source.plugin.interval().unwrap_or(self.interval);
         loop {
-            let snapshot = self.store.load();
+            // Seen before loading, never after: a change landing between the two would be
+            // marked seen with the older set in hand, and nothing else wakes this loop.
             changes.mark_unchanged();
+            let snapshot = self.store.load();
             let live: HashMap<usize, &Arc<Endpoint>> = snapshot
                 .endpoints()
                 .iter()

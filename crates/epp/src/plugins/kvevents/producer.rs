@@ -499,7 +499,9 @@ impl SubscribingSource for PreciseProducer {
                 t
             });
             loop {
-                // The pool: forget departed endpoints, follow the present ones.
+                // The pool: forget departed endpoints, follow the present ones. Marked seen
+                // before loading so that a change landing meanwhile wakes the wait below.
+                changes.mark_unchanged();
                 let snapshot = ctx.store.load();
                 let now_live: Vec<(SocketAddr, Arc<str>)> = snapshot
                     .endpoints()
@@ -519,7 +521,6 @@ impl SubscribingSource for PreciseProducer {
                 if follow {
                     subscriber.set_targets(self.targets(snapshot.endpoints()));
                 }
-                changes.mark_unchanged();
                 loop {
                     tokio::select! {
                         () = ctx.cancel.cancelled() => {
