@@ -22,7 +22,8 @@
 //! The sims restart between strategies so every strategy starts with cold caches. For each
 //! strategy and rate: TTFT p50/p90/p99 (streaming, observed at the client), end-to-end
 //! latency p50/p90, output tokens/s, the sims' prefix-cache hit rate
-//! (`prefix_cache_hits / prefix_cache_queries`) and the spread of requests over the sims.
+//! (`prefix_cache_hits / prefix_cache_queries`), how often a group's request went to another
+//! server than the group's previous one (`moved`) and the spread of requests over the sims.
 //! Results go to stdout (a Markdown table) and `<out>/results-<workload>[-seed<n>].json`.
 //!
 //! `cargo bench --bench routing_quality -- [--rates 5,10,20,30,40] [--duration 25]
@@ -38,6 +39,7 @@
 
 mod workload;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -414,6 +416,9 @@ struct RateResult {
     output_tokens_per_s: f64,
     hit_rate: f64,
     spread: Vec<usize>,
+    /// Of the requests that follow an earlier one of their group (conversation, system
+    /// prompt) in sending order, the share served by another server than that one.
+    moved: f64,
 }
 
 fn hits(sims: &[Sim]) -> (u64, u64) {
@@ -463,9 +468,11 @@ async fn run_rate(
     let resets = reset_every.map(|every| resetter(sims, every));
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(count);
+    let mut groups = Vec::with_capacity(count);
     for (req, at) in requests.into_iter().zip(arrivals) {
         tokio::time::sleep_until(start + Duration::from_secs_f64(at)).await;
         let (client, url) = (client.clone(), url.clone());
+        groups.push(req.group);
         tasks.push(tokio::spawn(async move { send(&client, &url, req.body).await }));
     }
     let mut samples = Vec::with_capacity(count);
@@ -491,6 +498,17 @@ async fn run_rate(
                 .count()
         })
         .collect();
+    let mut last: HashMap<usize, &str> = HashMap::new();
+    let (mut follows, mut moved) = (0usize, 0usize);
+    for (g, s) in groups.iter().zip(&samples) {
+        let Some(by) = s.served_by.as_deref() else {
+            continue;
+        };
+        if let Some(prev) = last.insert(*g, by) {
+            follows += 1;
+            moved += usize::from(prev != by);
+        }
+    }
     RateResult {
         workload: workload.name().to_owned(),
         strategy: String::new(),
@@ -509,6 +527,11 @@ async fn run_rate(
             0.0
         },
         spread,
+        moved: if follows > 0 {
+            moved as f64 / follows as f64
+        } else {
+            0.0
+        },
     }
 }
 
@@ -587,9 +610,9 @@ async fn main() {
         opts.duration
     );
     println!(
-        "| strategy | rate | ok/sent | TTFT p50 | TTFT p90 | TTFT p99 | E2E p50 | E2E p90 | out tok/s | hit rate | spread |"
+        "| strategy | rate | ok/sent | TTFT p50 | TTFT p90 | TTFT p99 | E2E p50 | E2E p90 | out tok/s | hit rate | moved | spread |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let events = opts
         .strategies
         .iter()
@@ -643,7 +666,7 @@ async fn main() {
             .await;
             r.strategy = strategy.name().to_owned();
             println!(
-                "| {} | {} | {}/{} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.1} % | {:?} |",
+                "| {} | {} | {}/{} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.1} % | {:.0} % | {:?} |",
                 r.strategy,
                 r.rate,
                 r.ok,
@@ -655,6 +678,7 @@ async fn main() {
                 r.e2e_p90,
                 r.output_tokens_per_s,
                 r.hit_rate * 100.0,
+                r.moved * 100.0,
                 r.spread
             );
             results.push(r);
