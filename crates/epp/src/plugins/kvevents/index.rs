@@ -1,8 +1,9 @@
 //! Which endpoint holds which block, as the engines reported it: block key → holders.
 //!
 //! * **Holders.** Each key lists the endpoints holding it, with the storage tier (`medium`:
-//!   GPU, CPU, ...) and, for speculative entries made at pick time, an expiry. At most
-//!   `podCacheSize` endpoints per key (the oldest entry gives way).
+//!   GPU, CPU, ...) and, for speculative entries made at pick time, an expiry and a count
+//!   of the requests in flight that pin them. At most `podCacheSize` endpoints per key (the
+//!   oldest entry gives way).
 //! * **Engine blocks.** Per endpoint, the engine's block hash → the picker's keys it covers
 //!   and the chain state after it, so that `BlockRemoved` and a later `BlockStored` continuing
 //!   a chain resolve to keys. Insertion order is kept for bounding.
@@ -49,9 +50,29 @@ pub const SPECULATIVE_TIER: TierId = u8::MAX;
 struct Holder {
     pod: PodId,
     tier: TierId,
-    /// Milliseconds since the index's epoch after which a speculative entry is void; 0 for
-    /// entries from events.
+    /// Requests in flight that pinned this speculative entry: it does not expire while any
+    /// is (vLLM keeps a running request's blocks). Fits in the padding after `tier`.
+    pins: u16,
+    /// Milliseconds since the index's epoch after which an unpinned speculative entry is
+    /// void; 0 for entries from events.
     expires: u64,
+}
+
+impl Holder {
+    /// An entry from an event (never expires).
+    fn stored(pod: PodId, tier: TierId) -> Self {
+        Self {
+            pod,
+            tier,
+            pins: 0,
+            expires: 0,
+        }
+    }
+
+    /// Whether the entry counts at `now` (milliseconds since the epoch).
+    fn live(&self, now: u64) -> bool {
+        self.expires == 0 || self.pins > 0 || self.expires > now
+    }
 }
 
 type Holders = smallvec::SmallVec<[Holder; 2]>;
@@ -298,7 +319,7 @@ impl PreciseIndex {
                 break;
             };
             for h in holders {
-                if h.expires != 0 && h.expires <= now {
+                if !h.live(now) {
                     continue;
                 }
                 let Some(&c0) = first.get(&h.pod) else {
@@ -364,14 +385,7 @@ impl PreciseIndex {
         for (hash, mut block) in blocks {
             let tier = block.tiers.trailing_zeros() as TierId;
             for key in &block.keys {
-                self.add_holder(
-                    *key,
-                    Holder {
-                        pod,
-                        tier,
-                        expires: 0,
-                    },
-                );
+                self.add_holder(*key, Holder::stored(pod, tier));
             }
             match pb.engine.get_mut(&hash) {
                 // Stored again (vLLM may store a hash twice, or in another tier): keys the
@@ -414,14 +428,7 @@ impl PreciseIndex {
             if let Some(b) = pb.engine.get_mut(h) {
                 b.tiers |= bit(tier);
                 for key in &b.keys {
-                    self.add_holder(
-                        *key,
-                        Holder {
-                            pod,
-                            tier,
-                            expires: 0,
-                        },
-                    );
+                    self.add_holder(*key, Holder::stored(pod, tier));
                     n += 1;
                 }
             }
@@ -517,16 +524,15 @@ impl PreciseIndex {
         self.blocks.write().remove(&pod);
     }
 
-    /// Records speculatively that `pod` will hold `keys` for `ttl` (the pick was just made;
-    /// the engine's events follow). Skipped when too many speculative entries are held.
-    pub fn speculate(&self, pod: PodId, keys: &[u64], ttl: Duration, now: Instant) -> bool {
+    /// Records speculatively that `pod` will hold `keys` for `ttl` from `now` (the pick was
+    /// just made; the engine's events follow). With `pin`, the entries also stay while the
+    /// request is in flight: the caller calls [`Self::unpin`] when it ends. Skipped (false)
+    /// when too many speculative entries are held.
+    pub fn speculate(&self, pod: PodId, keys: &[u64], ttl: Duration, now: Instant, pin: bool) -> bool {
         if self.speculative.load(Ordering::Relaxed) + keys.len() > MAX_SPECULATIVE {
             return false;
         }
-        let expires = self
-            .now_ms(now)
-            .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX / 4))
-            .max(1);
+        let expires = self.expiry(ttl, now);
         for key in keys {
             let mut shard = self.shards[shard_of(*key)].write();
             let is_new = !shard.contains_key(key);
@@ -535,11 +541,15 @@ impl PreciseIndex {
                 .iter_mut()
                 .find(|h| h.pod == pod && h.tier == SPECULATIVE_TIER)
             {
-                Some(h) => h.expires = expires,
+                Some(h) => {
+                    h.expires = h.expires.max(expires);
+                    h.pins = h.pins.saturating_add(u16::from(pin));
+                }
                 None => {
                     holders.push(Holder {
                         pod,
                         tier: SPECULATIVE_TIER,
+                        pins: u16::from(pin),
                         expires,
                     });
                     self.speculative.fetch_add(1, Ordering::Relaxed);
@@ -555,6 +565,29 @@ impl PreciseIndex {
         true
     }
 
+    /// Releases one pin of a request that [`Self::speculate`]d with `pin` and has ended: the
+    /// entries live `ttl` from `now` unless another request still pins them. Entries gone
+    /// meanwhile (a cache reset, the endpoint left, pushed out by `podCacheSize`) are skipped.
+    pub fn unpin(&self, pod: PodId, keys: &[u64], ttl: Duration, now: Instant) {
+        let expires = self.expiry(ttl, now);
+        for key in keys {
+            let mut shard = self.shards[shard_of(*key)].write();
+            if let Some(h) = shard
+                .get_mut(key)
+                .and_then(|hs| hs.iter_mut().find(|h| h.pod == pod && h.tier == SPECULATIVE_TIER))
+            {
+                h.pins = h.pins.saturating_sub(1);
+                h.expires = h.expires.max(expires);
+            }
+        }
+    }
+
+    fn expiry(&self, ttl: Duration, now: Instant) -> u64 {
+        self.now_ms(now)
+            .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX / 4))
+            .max(1)
+    }
+
     /// Removes expired speculative entries from shard `i` (of 64; a sweeper walks them in
     /// turn).
     pub fn sweep(&self, i: usize, now: Instant) {
@@ -564,7 +597,7 @@ impl PreciseIndex {
         let mut emptied = 0;
         shard.retain(|_, holders| {
             let before = holders.len();
-            holders.retain(|h| h.expires == 0 || h.expires > now);
+            holders.retain(|h| h.live(now));
             dropped += before - holders.len();
             let keep = !holders.is_empty();
             emptied += usize::from(!keep);
@@ -708,7 +741,7 @@ mod tests {
             ix.pod("10.0.0.1:1".parse().unwrap()),
             ix.pod("10.0.0.2:1".parse().unwrap()),
         );
-        ix.speculate(a, &[7], Duration::from_secs(5), now);
+        ix.speculate(a, &[7], Duration::from_secs(5), now, false);
         assert_eq!(ix.speculative_entries(), 1);
         // One endpoint per key: b's store pushes a's speculative entry out.
         ix.store(b, vec![(1, block(&[7], 0))]);
@@ -744,7 +777,7 @@ mod tests {
         let ix = index();
         let p = ix.pod("10.0.0.1:1".parse().unwrap());
         let now = Instant::now();
-        assert!(ix.speculate(p, &[1, 2], Duration::from_secs(2), now));
+        assert!(ix.speculate(p, &[1, 2], Duration::from_secs(2), now, false));
         let m = ix.lookup(&[1, 2], &[Some(p)], now);
         assert_eq!((m[0].blocks, m[0].speculative), (2, 2));
         let later = now + Duration::from_secs(3);
@@ -754,9 +787,56 @@ mod tests {
         }
         assert_eq!((ix.keys(), ix.speculative_entries()), (0, 0));
         // A confirmed entry and a speculative one: clearing the endpoint drops both.
-        ix.speculate(p, &[1], Duration::from_secs(2), now);
+        ix.speculate(p, &[1], Duration::from_secs(2), now, false);
         ix.store(p, vec![(1, block(&[1], 0))]);
         ix.clear(p);
         assert_eq!((ix.keys(), ix.speculative_entries()), (0, 0));
+    }
+
+    #[test]
+    fn pinned_entries_live_while_any_request_is_in_flight_then_ttl() {
+        let ix = index();
+        let p = ix.pod("10.0.0.1:1".parse().unwrap());
+        let ttl = Duration::from_secs(2);
+        let t0 = Instant::now();
+        // Two requests in flight for the same prefix.
+        assert!(ix.speculate(p, &[1, 2], ttl, t0, true));
+        assert!(ix.speculate(p, &[1, 2], ttl, t0 + Duration::from_secs(1), true));
+        assert_eq!(ix.speculative_entries(), 2);
+        // Queued at the engine far longer than the TTL: still credited, and not swept.
+        let t = t0 + Duration::from_secs(30);
+        for i in 0..PreciseIndex::SHARDS {
+            ix.sweep(i, t);
+        }
+        assert_eq!(ix.lookup(&[1, 2], &[Some(p)], t)[0].blocks, 2);
+        // The first ends: the second still pins.
+        ix.unpin(p, &[1, 2], ttl, t);
+        assert_eq!(
+            ix.lookup(&[1, 2], &[Some(p)], t + Duration::from_secs(10))[0].blocks,
+            2
+        );
+        // The second ends: the TTL runs from its end.
+        let end = t + Duration::from_secs(10);
+        ix.unpin(p, &[1, 2], ttl, end);
+        assert_eq!(
+            ix.lookup(&[1, 2], &[Some(p)], end + Duration::from_secs(1))[0].blocks,
+            2
+        );
+        let later = end + Duration::from_secs(3);
+        assert_eq!(ix.lookup(&[1, 2], &[Some(p)], later)[0].blocks, 0);
+        for i in 0..PreciseIndex::SHARDS {
+            ix.sweep(i, later);
+        }
+        assert_eq!((ix.keys(), ix.speculative_entries()), (0, 0));
+        // Unpinning what a cache reset removed is a no-op.
+        assert!(ix.speculate(p, &[3], ttl, later, true));
+        ix.clear(p);
+        ix.unpin(p, &[3], ttl, later);
+        assert_eq!((ix.keys(), ix.speculative_entries()), (0, 0));
+    }
+
+    #[test]
+    fn a_holder_stays_sixteen_bytes() {
+        assert_eq!(std::mem::size_of::<Holder>(), 16);
     }
 }

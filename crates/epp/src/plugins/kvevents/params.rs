@@ -27,7 +27,8 @@ pub struct PreciseParams {
     pub kv_events_config: Option<KvEventsConfig>,
     /// Record picks at once, before the engine's events arrive.
     pub speculative_indexing: Option<bool>,
-    /// How long a speculative entry lives (Go duration, `2s`).
+    /// How long a speculative entry lives once its request has ended (Go duration, `2s`; v0.10
+    /// counts from the pick, see the producer).
     #[serde(rename = "speculativeTTL")]
     pub speculative_ttl: Option<String>,
 }

@@ -9,8 +9,11 @@
 //!   (`kvCacheBackendConfigs`: GPU 1, CPU 0.8), truncated as v0.10 does. A request without
 //!   tokens (no token producer result, or media a local tokenizer cannot expand) scores 0.
 //! * **After the decision**, with `speculativeIndexing`, the primary endpoint (and a
-//!   `prefill` profile's) is recorded at once for `speculativeTTL`, closing the window before
-//!   the engine's events arrive.
+//!   `prefill` profile's) is recorded at once, closing the window before the engine's events
+//!   arrive. The entries stay while the request is in flight (an engine keeps a running
+//!   request's blocks, and one queued at the engine has published nothing yet) and
+//!   `speculativeTTL` after it ends; v0.10 counts the TTL from the pick, so a request queued
+//!   at the engine longer than that loses its credit before its blocks exist.
 //! * **In the background** (a subscribing source the collector runs): the ZMQ subscriptions
 //!   ([`super::subscriber`]), `concurrency` ingestion workers, a sweeper of expired
 //!   speculative entries, the optional metrics log, and the pool: an endpoint that leaves is
@@ -299,7 +302,7 @@ impl PreRequest for PreciseProducer {
         req: &SchedulingRequest<'_>,
         state: &CycleState,
         result: &SchedulingResult,
-        _ctx: &mut PreRequestContext,
+        ctx: &mut PreRequestContext,
     ) {
         if !self.config.speculative {
             return;
@@ -309,23 +312,51 @@ impl PreRequest for PreciseProducer {
         };
         let index = self.ingest.index();
         let record = |e: &Endpoint| {
-            index.speculate(
-                index.pod(e.address),
-                &found.hashes,
-                self.config.speculative_ttl,
-                req.now,
-            );
+            let pod = index.pod(e.address);
+            index
+                .speculate(pod, &found.hashes, self.config.speculative_ttl, req.now, true)
+                .then_some(pod)
         };
         let Some(primary) = result.targets().first() else {
             return;
         };
-        record(&primary.endpoint);
+        let mut pods: smallvec::SmallVec<[PodId; 2]> = smallvec::SmallVec::new();
+        pods.extend(record(&primary.endpoint));
         if let Some(prefill) = result
             .targets_of(PREFILL_PROFILE)
             .and_then(<[_]>::first)
             .filter(|p| p.endpoint.address != primary.endpoint.address)
         {
-            record(&prefill.endpoint);
+            pods.extend(record(&prefill.endpoint));
+        }
+        if !pods.is_empty() {
+            ctx.hold(Pinned {
+                ingest: self.ingest.clone(),
+                pods,
+                keys: found.hashes.clone(),
+                ttl: self.config.speculative_ttl,
+            });
+        }
+    }
+}
+
+/// A request's pin on its speculative entries, released when the request ends: the entries
+/// then live `speculativeTTL` more, long enough for the engine's events to land.
+struct Pinned {
+    ingest: Arc<Ingest>,
+    pods: smallvec::SmallVec<[PodId; 2]>,
+    keys: Vec<u64>,
+    ttl: Duration,
+}
+
+impl crate::framework::requestcontrol::Hold for Pinned {}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let index = self.ingest.index();
+        let now = Instant::now();
+        for pod in &self.pods {
+            index.unpin(*pod, &self.keys, self.ttl, now);
         }
     }
 }

@@ -191,6 +191,44 @@ async fn speculative_entries_last_their_ttl() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn speculative_entries_stay_while_the_request_is_in_flight() {
+    let s = states_at(&["10.0.0.1:8000", "10.0.0.2:8000"]);
+    let tokens: Vec<u32> = (0..64).collect();
+    let headers = Default::default();
+    let p = producer("{speculativeIndexing: true, speculativeTTL: 2s}");
+    let mut state = CycleState::default();
+    state.put(
+        DataKey::<TokenizedPrompt>::named("tokens-for-test"),
+        TokenizedPrompt {
+            prompts: vec![tokens.clone()],
+            ..TokenizedPrompt::default()
+        },
+    );
+    p.prepare(&request(&headers, "tiny", b""), &candidates(&s), &mut state);
+    let mut in_flight = PreRequestContext::default();
+    p.pre_request(
+        &request(&headers, "tiny", b""),
+        &state,
+        &result_for(&s[1]),
+        &mut in_flight,
+    );
+    assert_eq!(in_flight.held(), 1);
+    let at = |_: ()| SchedulingRequest {
+        now: Instant::now(),
+        ..request(&headers, "tiny", b"")
+    };
+    // Queued at the engine for 10 s, five TTLs: the pick still counts.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(matched(&p, &at(()), &s, &tokens).0, vec![0, 4]);
+    // The request ends (its stream drops what it held): the TTL runs from here.
+    drop(in_flight);
+    tokio::time::advance(Duration::from_millis(1500)).await;
+    assert_eq!(matched(&p, &at(()), &s, &tokens).0, vec![0, 4]);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(matched(&p, &at(()), &s, &tokens).0, vec![0, 0]);
+}
+
 #[test]
 fn subscribes_to_each_endpoint_at_its_rank() {
     let p = producer(
