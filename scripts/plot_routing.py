@@ -1,6 +1,7 @@
 """Plots TTFT p90 and the servers' prefix-cache hit rate against request rate, one line per
-routing strategy, from the JSON the routing_quality bench writes.
-Usage: plot_routing.py results.json out.png"""
+routing strategy, from the JSON the routing_quality bench writes; several files of one workload
+(runs with different --seed) are averaged.
+Usage: plot_routing.py results.json [more.json ...] out.png"""
 import json
 import sys
 
@@ -10,8 +11,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def main(src: str, dst: str) -> None:
-    rows = json.load(open(src))
+def main(srcs: list[str], dst: str) -> None:
+    cells: dict[tuple[str, float], list[dict]] = {}
+    for src in srcs:
+        for r in json.load(open(src)):
+            cells.setdefault((r["strategy"], r["rate"]), []).append(r)
+    rows = [
+        {
+            "strategy": s,
+            "rate": rate,
+            "workload": rs[0]["workload"],
+            "ttft_p90": sum(r["ttft_p90"] for r in rs) / len(rs),
+            "hit_rate": sum(r["hit_rate"] for r in rs) / len(rs),
+        }
+        for (s, rate), rs in cells.items()
+    ]
     strategies = []
     for r in rows:
         if r["strategy"] not in strategies:
@@ -38,4 +52,4 @@ def main(src: str, dst: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1:-1], sys.argv[-1])
