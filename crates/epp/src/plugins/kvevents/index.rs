@@ -92,6 +92,15 @@ pub struct EngineBlock {
     pub tiers: u32,
 }
 
+/// Takes `n` from a count without wrapping below zero.
+fn saturating_sub(count: &AtomicUsize, n: usize) {
+    if n > 0 {
+        let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |k| {
+            Some(k.saturating_sub(n))
+        });
+    }
+}
+
 fn bit(tier: TierId) -> u32 {
     1u32 << (u32::from(tier) % 32)
 }
@@ -502,25 +511,16 @@ impl PreciseIndex {
     }
 
     fn sub_keys(&self, n: usize) {
-        if n > 0 {
-            let _ = self.keys.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |k| {
-                Some(k.saturating_sub(n))
-            });
-        }
+        saturating_sub(&self.keys, n);
     }
 
     fn sub_speculative(&self, n: usize) {
-        if n > 0 {
-            let _ = self
-                .speculative
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |k| {
-                    Some(k.saturating_sub(n))
-                });
-        }
+        saturating_sub(&self.speculative, n);
     }
 
-    /// Drops the engine map of an endpoint that left (after [`Self::clear`]).
+    /// Forgets an endpoint that left: everything it held ([`Self::clear`]) and its engine map.
     pub fn forget(&self, pod: PodId) {
+        self.clear(pod);
         self.blocks.write().remove(&pod);
     }
 

@@ -169,6 +169,13 @@ impl Ingest {
         &self.index
     }
 
+    /// Forgets an endpoint that left the pool: its entries, its engine map and the groups
+    /// learned from it (so that departed endpoints never fill the group table).
+    pub fn forget(&self, pod: PodId) {
+        self.index.forget(pod);
+        self.groups.lock().retain(|(p, _), _| *p != pod);
+    }
+
     /// The key scheme.
     pub fn scheme(&self) -> &KeyScheme {
         &self.scheme

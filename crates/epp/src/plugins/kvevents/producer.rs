@@ -454,10 +454,7 @@ impl PreciseProducer {
                         .inc();
                 }
                 Work::Clear { pod } => ingest.index().clear(pod),
-                Work::Forget { pod } => {
-                    ingest.index().clear(pod);
-                    ingest.index().forget(pod);
-                }
+                Work::Forget { pod } => ingest.forget(pod),
             }
         }
     }

@@ -50,12 +50,13 @@ fn stored(tokens: &[u32], lora: Option<&str>, salt: Option<&str>) -> KvEvent {
     })
 }
 
-fn matched(
+/// The cycle state after `p` prepared `req` with `tokens` as the tokenized prompt.
+fn prepared(
     p: &PreciseProducer,
     req: &SchedulingRequest<'_>,
     states: &[EndpointState],
     tokens: &[u32],
-) -> (Vec<u32>, usize) {
+) -> CycleState {
     let mut state = CycleState::default();
     state.put(
         DataKey::<TokenizedPrompt>::named("tokens-for-test"),
@@ -65,6 +66,16 @@ fn matched(
         },
     );
     p.prepare(req, &candidates(states), &mut state);
+    state
+}
+
+fn matched(
+    p: &PreciseProducer,
+    req: &SchedulingRequest<'_>,
+    states: &[EndpointState],
+    tokens: &[u32],
+) -> (Vec<u32>, usize) {
+    let state = prepared(p, req, states, tokens);
     let m = state.get(p.match_key()).unwrap();
     (m.matched.clone(), m.total_blocks)
 }
@@ -162,15 +173,7 @@ async fn speculative_entries_last_their_ttl() {
     ] {
         let p = producer(yaml);
         let req = request(&headers, "tiny", b"");
-        let mut state = CycleState::default();
-        state.put(
-            DataKey::<TokenizedPrompt>::named("tokens-for-test"),
-            TokenizedPrompt {
-                prompts: vec![tokens.clone()],
-                ..TokenizedPrompt::default()
-            },
-        );
-        p.prepare(&req, &candidates(&s), &mut state);
+        let state = prepared(&p, &req, &s, &tokens);
         p.pre_request(
             &req,
             &state,
@@ -197,15 +200,7 @@ async fn speculative_entries_stay_while_the_request_is_in_flight() {
     let tokens: Vec<u32> = (0..64).collect();
     let headers = Default::default();
     let p = producer("{speculativeIndexing: true, speculativeTTL: 2s}");
-    let mut state = CycleState::default();
-    state.put(
-        DataKey::<TokenizedPrompt>::named("tokens-for-test"),
-        TokenizedPrompt {
-            prompts: vec![tokens.clone()],
-            ..TokenizedPrompt::default()
-        },
-    );
-    p.prepare(&request(&headers, "tiny", b""), &candidates(&s), &mut state);
+    let state = prepared(&p, &request(&headers, "tiny", b""), &s, &tokens);
     let mut in_flight = PreRequestContext::default();
     p.pre_request(
         &request(&headers, "tiny", b""),
@@ -214,19 +209,19 @@ async fn speculative_entries_stay_while_the_request_is_in_flight() {
         &mut in_flight,
     );
     assert_eq!(in_flight.held(), 1);
-    let at = |_: ()| SchedulingRequest {
+    let at = || SchedulingRequest {
         now: Instant::now(),
         ..request(&headers, "tiny", b"")
     };
     // Queued at the engine for 10 s, five TTLs: the pick still counts.
     tokio::time::advance(Duration::from_secs(10)).await;
-    assert_eq!(matched(&p, &at(()), &s, &tokens).0, vec![0, 4]);
+    assert_eq!(matched(&p, &at(), &s, &tokens).0, vec![0, 4]);
     // The request ends (its stream drops what it held): the TTL runs from here.
     drop(in_flight);
     tokio::time::advance(Duration::from_millis(1500)).await;
-    assert_eq!(matched(&p, &at(()), &s, &tokens).0, vec![0, 4]);
+    assert_eq!(matched(&p, &at(), &s, &tokens).0, vec![0, 4]);
     tokio::time::advance(Duration::from_secs(1)).await;
-    assert_eq!(matched(&p, &at(()), &s, &tokens).0, vec![0, 0]);
+    assert_eq!(matched(&p, &at(), &s, &tokens).0, vec![0, 0]);
 }
 
 #[test]
