@@ -424,6 +424,17 @@ pub fn immediate(r: &ProcessingResponse) -> (i32, String) {
     }
 }
 
+/// A header of an immediate response, if set.
+pub fn immediate_header(r: &ProcessingResponse, name: &str) -> Option<String> {
+    match &r.response {
+        Some(Response::ImmediateResponse(i)) => i.headers.as_ref()?.set_headers.iter().find_map(|h| {
+            let h = h.header.as_ref()?;
+            (h.key == name).then(|| String::from_utf8_lossy(&h.raw_value).into_owned())
+        }),
+        other => panic!("not an immediate response: {other:?}"),
+    }
+}
+
 pub fn is_request_headers(r: &ProcessingResponse) -> bool {
     matches!(r.response, Some(Response::RequestHeaders(_)))
 }

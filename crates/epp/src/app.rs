@@ -21,6 +21,7 @@ use crate::config::resolve::{DiscoveryPlan, ResolveError};
 use crate::datalayer::EndpointStore;
 use crate::datalayer::collector::{self, CollectorError};
 use crate::datalayer::discovery::{DiscoveryError, EndpointSource, StaticSource};
+use crate::flowcontrol::{self, FlowController, metrics::FlowMetrics};
 use crate::framework::plugin::Named;
 use crate::framework::requestcontrol::{Dispatcher, EndpointsChanged};
 use crate::k8s::discovery::KubeSource;
@@ -28,6 +29,7 @@ use crate::k8s::leader::{LeaderElector, lease_name};
 use crate::k8s::{self, auth::KubeAuth};
 use crate::observability::admin::{self, AdminState, MetricsAuth};
 use crate::observability::health::{HealthService, HealthState};
+use crate::observability::labels::BoundedLabel;
 use crate::observability::logging;
 use crate::observability::metrics::EppMetrics;
 use crate::protocol::tls::{self, TlsError};
@@ -216,14 +218,32 @@ pub async fn start_config(config: EppConfig, hooks: Hooks) -> Result<Running, Ap
     let metrics_addr = local(&metrics_listener, "metrics", ip)?;
 
     let store = Arc::new(EndpointStore::with_hooks(plugins.store_hooks.clone()));
-    let metrics = Arc::new(EppMetrics::new(
+    let mut metrics = EppMetrics::new(
         store.clone(),
         &pool_label,
         &namespace,
         gauge_staleness,
         plugins.metrics.clone(),
         cli.max_model_label_values,
-    ));
+    );
+    let flow_control = plugins.flow_control.map(|cfg| {
+        let d = &plugins.control.saturation;
+        let fairness = BoundedLabel::new(
+            flowcontrol::metrics::MAX_FAIRNESS_LABEL_VALUES,
+            metrics.label_overflow("fairness_id"),
+        );
+        let models = BoundedLabel::new(cli.max_model_label_values, metrics.label_overflow("model_name"));
+        let families = FlowMetrics::register(metrics.registry_mut(), &pool_label);
+        FlowController::new(
+            cfg,
+            Named::new(d.name.clone(), d.type_name.clone(), d.plugin.clone()),
+            store.clone(),
+            families,
+            fairness,
+            models,
+        )
+    });
+    let metrics = Arc::new(metrics);
     let scheduler = Arc::new(plugins.scheduler.with_observer(metrics.clone()));
     let mut director = Director::new(
         store.clone(),
@@ -233,13 +253,18 @@ pub async fn start_config(config: EppConfig, hooks: Hooks) -> Result<Running, Ap
         objectives.clone(),
     )
     .with_observer(&*metrics);
-    if let Some(d) = hooks.dispatcher {
-        director = director.with_dispatcher(d);
-    }
-    let observer: Arc<dyn RequestObserver> = match hooks.observer {
+    let mut observer: Arc<dyn RequestObserver> = match hooks.observer {
         Some(extra) => Arc::new(Both(metrics.clone(), extra)),
         None => metrics.clone(),
     };
+    match (&flow_control, hooks.dispatcher) {
+        (Some(fc), _) => {
+            director = director.with_dispatcher(Arc::new(fc.clone()));
+            observer = Arc::new(Both(observer, Arc::new(fc.clone())));
+        }
+        (None, Some(d)) => director = director.with_dispatcher(d),
+        (None, None) => {}
+    }
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -279,6 +304,9 @@ pub async fn start_config(config: EppConfig, hooks: Hooks) -> Result<Running, Ap
             plan.timings,
         );
         tracker.spawn(elector.run(leader_tx, cancel.clone()));
+    }
+    if let Some(fc) = flow_control {
+        tracker.spawn(fc.run(cancel.clone()));
     }
     tracker.spawn(follow_pool(
         store.clone(),

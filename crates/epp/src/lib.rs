@@ -28,6 +28,7 @@
 pub mod app;
 pub mod config;
 pub mod datalayer;
+pub mod flowcontrol;
 pub mod framework;
 pub mod k8s;
 pub mod observability;

@@ -116,16 +116,26 @@ async fn a_waiting_request_is_routed_when_dispatched() {
 async fn a_rejected_or_expired_request_gets_the_reference_status() {
     let (epp, gate) = gated().await;
     let body = chat_body("m", "hello");
-    for (outcome, status) in [
-        (Err(DispatchError::Rejected("queue full".into())), 429),
-        (Err(DispatchError::Expired), 503),
+    for (outcome, status, reason) in [
+        (Err(DispatchError::Rejected("queue full".into())), 429, None),
+        (Err(DispatchError::Expired), 429, Some("rejected-ttl-expired")),
+        (
+            Err(DispatchError::NoEndpoints),
+            503,
+            Some("rejected-no-endpoints"),
+        ),
     ] {
         let mut c = epp.open().await;
         c.send(request_headers(&post("/v1/chat/completions"), false))
             .await;
         c.send(request_body(body.as_bytes(), true)).await;
         gate.answer(outcome).await;
-        assert_eq!(immediate(&c.recv().await).0, status);
+        let answer = c.recv().await;
+        assert_eq!(immediate(&answer).0, status);
+        assert_eq!(
+            immediate_header(&answer, "x-llm-d-request-dropped-reason").as_deref(),
+            reason
+        );
         assert!(c.end().await.unwrap().is_none());
     }
 }

@@ -469,11 +469,29 @@ async fn run_rate(
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(count);
     let mut groups = Vec::with_capacity(count);
+    // Closed loop: a turn that arrives while its conversation's previous turn is still being
+    // answered waits for that answer (each turn's task holds a sender its successor awaits);
+    // TTFT counts from the send.
+    let mut turns: HashMap<usize, tokio::sync::oneshot::Receiver<()>> = HashMap::new();
     for (req, at) in requests.into_iter().zip(arrivals) {
         tokio::time::sleep_until(start + Duration::from_secs_f64(at)).await;
         let (client, url) = (client.clone(), url.clone());
         groups.push(req.group);
-        tasks.push(tokio::spawn(async move { send(&client, &url, req.body).await }));
+        let (answered, next) = tokio::sync::oneshot::channel::<()>();
+        let previous = if workload.closed_loop() {
+            turns.insert(req.group, next)
+        } else {
+            None
+        };
+        tasks.push(tokio::spawn(async move {
+            if let Some(previous) = previous {
+                // Err: the previous turn's task dropped its sender, i.e. it finished.
+                let _ = previous.await;
+            }
+            let sample = send(&client, &url, req.body).await;
+            drop(answered);
+            sample
+        }));
     }
     let mut samples = Vec::with_capacity(count);
     for t in tasks {

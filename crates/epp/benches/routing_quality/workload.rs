@@ -104,6 +104,12 @@ impl Workload {
         }
     }
 
+    /// Whether a group's requests wait for the previous one's response (a conversation's next
+    /// turn is written after the answer, as inference-perf's multi-turn sessions do).
+    pub fn closed_loop(&self) -> bool {
+        matches!(self, Self::MultiTurn { .. })
+    }
+
     /// `count` requests in arrival order, deterministic for `seed`.
     pub fn requests(&self, count: usize, seed: u64) -> Vec<Request> {
         let mut rng = SmallRng::seed_from_u64(seed);

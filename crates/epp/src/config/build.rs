@@ -22,10 +22,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::datalayer::{self, DataPlan};
+use super::flowcontrol;
 use super::gates::FeatureGates;
 use super::{ConfigError, ConfigErrorKind, EndpointPickerConfig};
 use crate::datalayer::StoreHook;
 use crate::datalayer::collector::Sources;
+use crate::flowcontrol::config::FlowControlConfig;
 use crate::framework::plugin::{DataKind, Named, PluginMetrics, PluginRoles};
 use crate::framework::requestcontrol::{EndpointsChanged, SaturationDetector};
 use crate::framework::scheduling::{Filter, Picker, ProfileHandler};
@@ -52,6 +54,8 @@ pub struct PluginSet {
     pub metrics: PluginMetrics,
     /// The feature gates.
     pub gates: FeatureGates,
+    /// Flow control, with the `flowControl` gate on.
+    pub flow_control: Option<FlowControlConfig>,
     /// Every instance, `(name, type)`, in configuration order then added ones.
     pub instances: Vec<(Arc<str>, Arc<str>)>,
 }
@@ -135,6 +139,7 @@ impl EndpointPickerConfig {
         }
         let scheduler = self.scheduling(&mut instances, &defaults, &metrics, seed)?;
         let saturation = self.saturation_detector(&mut instances, &defaults, &metrics)?;
+        let flow_control = flowcontrol::plan(self, &gates, &mut instances, &defaults, &metrics)?;
         self.parsers(&mut instances, &defaults, &metrics)?;
         let DataPlan { sources } = datalayer::plan(self, &mut instances, &defaults, &metrics)?;
 
@@ -193,6 +198,7 @@ impl EndpointPickerConfig {
             store_hooks,
             metrics,
             gates,
+            flow_control,
             instances: instances
                 .iter()
                 .map(|i| (i.name.clone(), i.type_name.clone()))
@@ -214,14 +220,6 @@ impl EndpointPickerConfig {
                 why: why.to_owned(),
             }))
         };
-        if let Some(fc) = &f.flow_control
-            && let Some(field) = fc.settings().first()
-        {
-            return refuse(
-                format!("flowControl.{field}"),
-                "flow control (queueing in the picker) is not built yet, and the reference ignores these settings without the flowControl feature gate; remove them (flowControl.saturationDetector is supported)",
-            );
-        }
         if let Some(sd) = f
             .flow_control
             .as_ref()

@@ -175,17 +175,17 @@ pub struct FlowControlSpec {
     #[serde(default)]
     pub max_requests: Option<serde_yaml::Value>,
     /// Queue time limit.
-    #[serde(default)]
+    #[serde(default, rename = "defaultRequestTTL")]
     pub default_request_ttl: Option<String>,
     /// Template for unconfigured priorities.
     #[serde(default)]
-    pub default_priority_band: Option<serde_yaml::Value>,
-    /// Template for negative priorities.
+    pub default_priority_band: Option<PriorityBandSpec>,
+    /// Template for negative priorities (v0.10).
     #[serde(default)]
-    pub default_negative_priority_band: Option<serde_yaml::Value>,
+    pub default_negative_priority_band: Option<PriorityBandSpec>,
     /// Per-priority bands.
     #[serde(default)]
-    pub priority_bands: Vec<serde_yaml::Value>,
+    pub priority_bands: Vec<PriorityBandSpec>,
     /// Usage limit policy.
     #[serde(default)]
     pub usage_limit_policy_plugin_ref: Option<String>,
@@ -195,6 +195,27 @@ pub struct FlowControlSpec {
     /// In-flight eviction (v0.10).
     #[serde(default)]
     pub enable_eviction: bool,
+}
+
+/// One priority band (or a band template) of `flowControl`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PriorityBandSpec {
+    /// The priority it serves (listed bands only).
+    #[serde(default)]
+    pub priority: Option<i32>,
+    /// Byte limit (a quantity); 0 or unset is the default.
+    #[serde(default)]
+    pub max_bytes: Option<serde_yaml::Value>,
+    /// Request limit (a quantity); 0 or unset is the default.
+    #[serde(default)]
+    pub max_requests: Option<serde_yaml::Value>,
+    /// Fairness policy plugin name.
+    #[serde(default)]
+    pub fairness_policy_ref: Option<String>,
+    /// Ordering policy plugin name.
+    #[serde(default)]
+    pub ordering_policy_ref: Option<String>,
 }
 
 impl FlowControlSpec {

@@ -7,7 +7,7 @@
 //! | `dataLayer` (GIE v1.2–v1.4) | on | the pluggable data layer is always on; `=false` asks for the v1.0 poller's freshness rule, as `enableLegacyMetrics` |
 //! | `prepareDataPlugins` (GIE v1.3–v1.4) | on | data producers always run; `=false` is refused |
 //! | `enableLegacyMetrics` (GIE v1.5) | off | any successful scrape refreshes an endpoint's figures (the v1.0 rule) |
-//! | `flowControl` | off | refused when on: flow control is not built yet |
+//! | `flowControl` | off | requests wait in the picker's priority and fairness queues (the `flowControl` section acts only with it) |
 //! | `haPopulateNonLeaderDatastore` (v0.10) | on | followers always keep the pool current; `=false` is refused |
 
 /// The gates' effective values.
@@ -15,6 +15,8 @@
 pub struct FeatureGates {
     /// Any successful scrape refreshes an endpoint's figures.
     pub legacy_metrics: bool,
+    /// Flow control: requests wait in the picker's queues under saturation.
+    pub flow_control: bool,
 }
 
 /// Why a gate entry is refused.
@@ -94,13 +96,7 @@ impl FeatureGates {
                         why: "data producers (the prefix index, in-flight load) always run",
                     });
                 }
-                ("flowControl", true) => {
-                    return Err(GateError::Unsupported {
-                        gate: "flowControl",
-                        value: true,
-                        why: "flow control (queueing in the picker) is not built yet; remove the gate to shed sheddable requests under saturation instead",
-                    });
-                }
+                ("flowControl", on) => gates.flow_control = on,
                 ("haPopulateNonLeaderDatastore", false) => {
                     return Err(GateError::Unsupported {
                         gate: "haPopulateNonLeaderDatastore",
@@ -141,8 +137,7 @@ mod tests {
     #[test]
     fn refusals_name_the_gate() {
         assert!(matches!(parse(&["warpDrive"]), Err(GateError::Unknown(g)) if g == "warpDrive"));
-        let e = parse(&["flowControl"]).unwrap_err().to_string();
-        assert!(e.contains("flowControl=true is not supported"), "{e}");
+        assert!(parse(&["flowControl"]).unwrap().flow_control);
         let e = parse(&["flowControl=maybe"]).unwrap_err().to_string();
         assert!(e.contains("'maybe'") && e.contains("flowControl"), "{e}");
         assert!(parse(&["haPopulateNonLeaderDatastore=false"]).is_err());
@@ -152,7 +147,8 @@ mod tests {
     #[test]
     fn the_last_entry_for_a_gate_wins() {
         assert!(parse(&["flowControl=true", "flowControl=false"]).is_ok());
-        assert!(parse(&["flowControl=false", "flowControl"]).is_err());
+        assert!(parse(&["flowControl=false", "flowControl"]).unwrap().flow_control);
+        assert!(!parse(&["flowControl", "flowControl=false"]).unwrap().flow_control);
         assert!(
             !parse(&["enableLegacyMetrics", "enableLegacyMetrics=false"])
                 .unwrap()

@@ -14,6 +14,7 @@ mod build;
 pub mod cli;
 mod datalayer;
 pub mod file;
+mod flowcontrol;
 pub mod gates;
 pub mod resolve;
 

@@ -325,11 +325,11 @@ fn unsupported_sections_and_parameters_are_named() {
     for (doc, want) in [
         (
             "flowControl:\n  maxRequests: 10\n",
-            "flowControl.maxRequests: flow control",
+            "flowControl.maxRequests: set while the flowControl feature gate is off",
         ),
         (
-            "featureGates: [flowControl]\n",
-            "flowControl=true is not supported",
+            "featureGates: [flowControl]\nflowControl:\n  enableEviction: true\n",
+            "flowControl.enableEviction",
         ),
         (
             "flowControl:\n  saturationDetector: {queueDepthThreshold: 3}\n",
@@ -631,4 +631,121 @@ fn several_producers_without_a_name_fall_back_as_v010_does() {
     .unwrap();
     assert_eq!(s.control.producers.len(), 2, "{:?}", names(&s));
     assert_eq!(s.store_hooks.len(), 1, "{:?}", names(&s));
+}
+
+#[test]
+fn flow_control_resolves_with_v010_defaults() {
+    let s = set(&format!(
+        "{HEAD}featureGates: [flowControl]\nplugins:\n- type: queue-scorer\n"
+    ))
+    .unwrap();
+    let fc = s.flow_control.expect("gate on");
+    assert_eq!(fc.ttl, Some(std::time::Duration::from_secs(60)));
+    assert_eq!((fc.max_bytes, fc.max_requests), (0, 0));
+    assert_eq!(fc.bands.len(), 1);
+    let (p, band) = &fc.bands[0];
+    assert_eq!((*p, band.max_requests, band.max_bytes), (0, 5000, 1_000_000_000));
+    assert_eq!(&*band.fairness.name, "global-strict-fairness-policy");
+    assert_eq!(&*band.ordering.name, "fcfs-ordering-policy");
+    assert_eq!(&*fc.usage_limit.name, "static-usage-limit-policy");
+    // Without the gate there is none.
+    assert!(
+        set(&format!("{HEAD}plugins:\n- type: queue-scorer\n"))
+            .unwrap()
+            .flow_control
+            .is_none()
+    );
+}
+
+#[test]
+fn flow_control_section_acts_field_by_field() {
+    let s = set(&format!(
+        "{HEAD}featureGates: [flowControl=true]
+plugins:
+- type: queue-scorer
+- name: rr
+  type: round-robin-fairness-policy
+- name: slo
+  type: slo-deadline-ordering-policy
+- name: limit
+  type: static-usage-limit-policy
+  parameters: {{threshold: 0.7}}
+flowControl:
+  maxBytes: 1Gi
+  maxRequests: 1k
+  defaultRequestTTL: 0s
+  usageLimitPolicyPluginRef: limit
+  defaultPriorityBand: {{maxRequests: 50, fairnessPolicyRef: rr}}
+  defaultNegativePriorityBand: {{maxRequests: 5}}
+  priorityBands:
+  - {{priority: 10, maxRequests: 100, fairnessPolicyRef: rr, orderingPolicyRef: slo}}
+  - {{priority: -1, maxBytes: 10M}}
+"
+    ))
+    .unwrap();
+    let fc = s.flow_control.unwrap();
+    assert_eq!((fc.max_bytes, fc.max_requests, fc.ttl), (1 << 30, 1000, None));
+    let prios: Vec<i32> = fc.bands.iter().map(|(p, _)| *p).collect();
+    assert_eq!(prios, vec![10, 0, -1]);
+    assert_eq!(&*fc.band(10).ordering.name, "slo");
+    assert_eq!(fc.band(10).max_requests, 100);
+    // Band 0 comes from the template; an unlisted priority too.
+    assert_eq!((fc.band(0).max_requests, &*fc.band(0).fairness.name), (50, "rr"));
+    assert_eq!(fc.band(3).max_requests, 50);
+    assert_eq!(fc.band(-1).max_bytes, 10_000_000);
+    assert_eq!(fc.band(-7).max_requests, 5);
+    assert_eq!(&*fc.usage_limit.name, "limit");
+}
+
+#[test]
+fn flow_control_mistakes_are_named() {
+    let gate = "featureGates: [flowControl]\nplugins:\n- type: queue-scorer\n";
+    for (doc, want) in [
+        (
+            "flowControl:\n  priorityBands: [{priority: 1}, {priority: 1}]\n",
+            "duplicate priority level 1",
+        ),
+        (
+            "flowControl:\n  priorityBands: [{maxRequests: 3}]\n",
+            "priorityBands[0].priority",
+        ),
+        (
+            "flowControl:\n  maxRequests: -1\n",
+            "flowControl.maxRequests: must be non-negative",
+        ),
+        ("flowControl:\n  maxBytes: lots\n", "flowControl.maxBytes"),
+        (
+            "flowControl:\n  defaultRequestTTL: soon\n",
+            "flowControl.defaultRequestTTL",
+        ),
+        (
+            "flowControl:\n  defaultPriorityBand: {priority: 2}\n",
+            "defaultPriorityBand.priority",
+        ),
+        (
+            "flowControl:\n  priorityBands: [{priority: 1, fairnessPolicyRef: nope}]\n",
+            "'nope' is a reference to an undefined plugin",
+        ),
+        (
+            "flowControl:\n  usageLimitPolicyPluginRef: queue-scorer\n",
+            "not a usage limit policy",
+        ),
+        (
+            "flowControl:\n  priorityBands: [{priority: 1, weight: 3}]\n",
+            "weight",
+        ),
+    ] {
+        let e = set_err(set(&format!("{HEAD}{gate}{doc}")));
+        assert!(e.contains(want), "{doc}: {e}");
+    }
+    // A declared policy nothing references is refused, not ignored.
+    let e = set_err(set(&format!("{HEAD}{gate}- type: round-robin-fairness-policy\n")));
+    assert!(
+        e.contains("round-robin-fairness-policy") && e.contains("takes no part"),
+        "{e}"
+    );
+    let e = set_err(set(&format!(
+        "{HEAD}{gate}- type: static-usage-limit-policy\n  parameters: {{threshold: 2}}\n"
+    )));
+    assert!(e.contains("threshold must be in (0, 1]"), "{e}");
 }

@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::futures::Notified;
+use tokio::sync::{Notify, watch};
 
 use super::{Endpoint, EndpointState, METRICS, Metrics};
 use crate::framework::data::{KeyId, Value};
@@ -77,6 +78,7 @@ pub struct EndpointStore {
     current: ArcSwap<Snapshot>,
     writer: Mutex<()>,
     set_changes: watch::Sender<u64>,
+    published: Notify,
     hooks: Vec<Arc<dyn StoreHook>>,
 }
 
@@ -107,6 +109,7 @@ impl EndpointStore {
             current: ArcSwap::from_pointee(Snapshot::default()),
             writer: Mutex::new(()),
             set_changes: watch::Sender::new(0),
+            published: Notify::new(),
             hooks,
         }
     }
@@ -114,6 +117,12 @@ impl EndpointStore {
     /// The current snapshot (one atomic load).
     pub fn load(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// Resolves after the next snapshot is published (new figures or a new endpoint set).
+    /// Create it, enable it, then read the snapshot, so that no publication is missed.
+    pub fn published(&self) -> Notified<'_> {
+        self.published.notified()
     }
 
     /// Notified with the new generation whenever the endpoint set changes.
@@ -167,6 +176,7 @@ impl EndpointStore {
             generation,
         }));
         self.set_changes.send_replace(generation);
+        self.published.notify_waiters();
     }
 
     /// Removes every endpoint and marks the pool not synced (e.g. the InferencePool was deleted).
@@ -179,6 +189,7 @@ impl EndpointStore {
             generation,
         }));
         self.set_changes.send_replace(generation);
+        self.published.notify_waiters();
     }
 
     /// Publishes several writes in one new snapshot (later entries for one endpoint and key
@@ -216,6 +227,7 @@ impl EndpointStore {
                 synced: old.synced,
                 generation: old.generation,
             }));
+            self.published.notify_waiters();
         }
         updated
     }

@@ -7,11 +7,13 @@
 //! * [`scheduling`]: filters, scorers, pickers, profile handlers;
 //! * [`requestcontrol`]: admission, dispatch, data producers, pre-request hooks;
 //! * [`datalayer`]: data sources and extractors;
+//! * [`flowcontrol`]: ordering, fairness and usage-limit policies of the flow-control queue;
 //! * [`plugin`]: plugin instances, their roles, names and metrics.
 
 pub mod attributes;
 pub mod data;
 pub mod datalayer;
+pub mod flowcontrol;
 pub mod plugin;
 pub mod requestcontrol;
 pub mod scheduling;

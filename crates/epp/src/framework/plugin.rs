@@ -16,6 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 
 use super::datalayer::{EndpointExtractor, Extractor, PollingSource, SubscribingSource};
+use super::flowcontrol::{FairnessPolicy, OrderingPolicy, UsageLimitPolicy};
 use super::requestcontrol::{DataProducer, EndpointsChanged, PreRequest, SaturationDetector};
 use super::scheduling::{Filter, Picker, ProfileHandler, Scorer};
 use crate::datalayer::StoreHook;
@@ -129,6 +130,12 @@ pub struct PluginRoles {
     pub endpoint_extractor: Option<Arc<dyn EndpointExtractor>>,
     /// Request parser (the OpenAI-style body parsing the EPP does).
     pub parser: bool,
+    /// Flow-control ordering policy.
+    pub ordering: Option<Arc<dyn OrderingPolicy>>,
+    /// Flow-control fairness policy.
+    pub fairness: Option<Arc<dyn FairnessPolicy>>,
+    /// Flow-control usage limit policy.
+    pub usage_limit: Option<Arc<dyn UsageLimitPolicy>>,
     /// The data kinds the plugin produces for others ([`DataKind`]).
     pub produces: Vec<DataKind>,
 }
@@ -148,7 +155,7 @@ impl PluginRoles {
     /// The roles, for messages.
     pub fn role_names(&self) -> Vec<&'static str> {
         let mut r = Vec::new();
-        let roles: [(&'static str, bool); 15] = [
+        let roles: [(&'static str, bool); 18] = [
             ("filter", self.filter.is_some()),
             ("scorer", self.scorer.is_some()),
             ("picker", self.picker.is_some()),
@@ -164,6 +171,9 @@ impl PluginRoles {
             ("endpoint notification source", self.endpoint_source),
             ("endpoint extractor", self.endpoint_extractor.is_some()),
             ("parser", self.parser),
+            ("ordering policy", self.ordering.is_some()),
+            ("fairness policy", self.fairness.is_some()),
+            ("usage limit policy", self.usage_limit.is_some()),
         ];
         for (name, on) in roles {
             if on {

@@ -163,6 +163,35 @@ pub trait PreRequest: Send + Sync {
 pub trait SaturationDetector: Send + Sync {
     /// The saturation of `candidates` at `now`; no candidates is 1.0.
     fn saturation(&self, candidates: &[Candidate<'_>], now: Instant) -> f64;
+
+    /// The saturation once `unseen` is counted: requests flow control let through that the
+    /// candidates' figures may not show yet, as if spread evenly over them. Flow control asks
+    /// this between dispatches, so that one fresh scrape does not release the whole queue onto
+    /// the pool. The default ignores `unseen`.
+    fn saturation_with(&self, candidates: &[Candidate<'_>], now: Instant, unseen: &Unseen<'_>) -> f64 {
+        let _ = unseen;
+        self.saturation(candidates, now)
+    }
+}
+
+/// Requests flow control dispatched that a saturation detector may not see yet.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unseen<'a> {
+    /// Dispatched and not yet scheduled: no in-flight count is booked for them.
+    pub unscheduled: usize,
+    /// When the recent dispatches happened, oldest first: an endpoint's scraped figures do
+    /// not show the requests dispatched after its scrape.
+    pub dispatched_at: &'a [Instant],
+}
+
+impl Unseen<'_> {
+    /// How many recent dispatches happened after `t` (all of them when `t` is `None`).
+    pub fn since(&self, t: Option<Instant>) -> usize {
+        match t {
+            None => self.dispatched_at.len(),
+            Some(t) => self.dispatched_at.len() - self.dispatched_at.partition_point(|d| *d <= t),
+        }
+    }
 }
 
 /// Told when the set of endpoints changes (off the request path), to drop per-endpoint state.
@@ -182,20 +211,58 @@ pub struct DispatchRequest<'a> {
     pub fairness_id: &'a str,
     /// Body bytes.
     pub bytes: usize,
+    /// The model the client asked for.
+    pub model: &'a str,
+    /// The model after any rewrite header.
+    pub target_model: &'a str,
+    /// When the EPP received the request.
+    pub received: Instant,
+    /// The TTFT objective from `x-llm-d-slo-ttft-ms` (alias `x-slo-ttft-ms`), in whole
+    /// milliseconds; `None` when absent or not a non-negative integer.
+    pub slo_ttft: Option<std::time::Duration>,
+    /// The whole pool in the director's snapshot (not narrowed by a subset hint), for the
+    /// saturation check.
+    pub pool: &'a [Candidate<'a>],
 }
 
-/// Why a waiting request was not dispatched.
+/// Why a waiting request was not dispatched: llm-d-router v0.10's flow-control outcomes
+/// (`requestcontrol/admission.go`), each with its status and `x-llm-d-request-dropped-reason`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DispatchError {
-    /// No room now or later: rejected (429).
+    /// The queue is full (429 `rejected-saturated`).
+    #[error("request rejected pre-queue: queue at capacity")]
+    Saturated,
+    /// The queue is full, or the request waited its TTL, while the pool has no endpoints
+    /// (503 `rejected-no-endpoints`).
+    #[error("no endpoints available")]
+    NoEndpoints,
+    /// The request waited its TTL (429 `rejected-ttl-expired`).
+    #[error("request timed out in queue: request evicted from queue: request TTL expired")]
+    Expired,
+    /// The client went away while the request waited (503 `rejected-context-cancelled`; the
+    /// gateway has gone, so nobody reads it).
+    #[error("client disconnected: request evicted from queue: request context cancelled")]
+    Cancelled,
+    /// The EPP is shutting down (503 `rejected-shutting-down`).
+    #[error("flow controller shutting down: request evicted from queue: flow controller is not running")]
+    Shutdown,
+    /// Any other refusal by a dispatcher (429, no reason header).
     #[error("{0}")]
     Rejected(String),
-    /// Waited too long (503).
-    #[error("request timed out in queue")]
-    Expired,
-    /// The EPP is shutting down (503).
-    #[error("the endpoint picker is shutting down")]
-    Shutdown,
+}
+
+impl DispatchError {
+    /// The `x-llm-d-request-dropped-reason` value, where the reference sets one.
+    pub fn dropped_reason(&self) -> Option<&'static str> {
+        Some(match self {
+            Self::Saturated => "rejected-saturated",
+            Self::NoEndpoints => "rejected-no-endpoints",
+            Self::Expired => "rejected-ttl-expired",
+            Self::Cancelled => "rejected-context-cancelled",
+            Self::Shutdown => "rejected-shutting-down",
+            Self::Rejected(_) => return None,
+        })
+    }
 }
 
 /// A request's wait for dispatch; dropping it withdraws the request (the client went away).

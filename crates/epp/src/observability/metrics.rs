@@ -152,6 +152,7 @@ pub struct EppMetrics {
     /// routed just before the departure may recreate one).
     departed: Mutex<HashMap<(Arc<str>, u16), u8>>,
     models: BoundedLabel,
+    overflow: Family<Vec<(&'static str, &'static str)>, Counter>,
     store: Arc<EndpointStore>,
 }
 
@@ -278,7 +279,7 @@ impl EppMetrics {
         registry.register(
             "inference_extension_metric_label_overflow",
             format!("{a}Requests whose client-chosen label value was reported as 'other' because the cap of distinct values (--max-model-label-values) was reached"),
-            overflow,
+            overflow.clone(),
         );
         registry.register_collector(Box::new(PoolCollector::new(
             store.clone(),
@@ -304,8 +305,20 @@ impl EppMetrics {
             picked: ArcSwap::from_pointee(HashSet::new()),
             departed: Mutex::new(HashMap::new()),
             models,
+            overflow,
             store,
         }
+    }
+
+    /// Where more families are registered before the metrics are shared.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// The counter of requests whose `label` value was reported as [`OVERFLOW`], for another
+    /// [`BoundedLabel`].
+    pub fn label_overflow(&self, label: &'static str) -> Counter {
+        self.overflow.get_or_create(&vec![("label", label)]).clone()
     }
 
     /// The exposition text (OpenMetrics). Pick-counter series of endpoints no longer in the

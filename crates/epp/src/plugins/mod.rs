@@ -13,6 +13,7 @@
 
 pub mod datasource;
 mod defaults;
+pub mod flowcontrol;
 pub mod inflight;
 pub mod kvevents;
 pub mod prefix;
@@ -79,7 +80,20 @@ pub const KNOWN_TYPES: &[&str] = &[
     "precise-prefix-cache-producer",
     "precise-prefix-cache-scorer",
     "endpoint-notification-source",
+    "fcfs-ordering-policy",
+    "edf-ordering-policy",
+    "slo-deadline-ordering-policy",
+    "global-strict-fairness-policy",
+    "round-robin-fairness-policy",
+    "static-usage-limit-policy",
 ];
+
+/// The ordering policy of a band that names none (v0.10 `DefaultOrderingPolicyRef`).
+pub const DEFAULT_ORDERING_POLICY: &str = "fcfs-ordering-policy";
+/// The fairness policy of a band that names none (v0.10 `DefaultFairnessPolicyRef`).
+pub const DEFAULT_FAIRNESS_POLICY: &str = "global-strict-fairness-policy";
+/// The usage limit policy when `flowControl.usageLimitPolicyPluginRef` is unset.
+pub const DEFAULT_USAGE_LIMIT_POLICY: &str = "static-usage-limit-policy";
 
 /// Why a plugin could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -450,6 +464,30 @@ pub fn build(
         "endpoint-notification-source" => {
             no_params(parameters)?;
             h.endpoint_source = true;
+        }
+        "fcfs-ordering-policy" => {
+            no_params(parameters)?;
+            h.ordering = Some(Arc::new(flowcontrol::Fcfs));
+        }
+        "edf-ordering-policy" => {
+            no_params(parameters)?;
+            h.ordering = Some(Arc::new(flowcontrol::Edf));
+        }
+        "slo-deadline-ordering-policy" => {
+            no_params(parameters)?;
+            h.ordering = Some(Arc::new(flowcontrol::SloDeadline));
+        }
+        "global-strict-fairness-policy" => {
+            no_params(parameters)?;
+            h.fairness = Some(Arc::new(flowcontrol::GlobalStrict));
+        }
+        "round-robin-fairness-policy" => {
+            no_params(parameters)?;
+            h.fairness = Some(Arc::new(flowcontrol::RoundRobin));
+        }
+        "static-usage-limit-policy" => {
+            let p = flowcontrol::StaticUsageLimit::new(&params(parameters)?).map_err(invalid)?;
+            h.usage_limit = Some(Arc::new(p));
         }
         other => return Err(PluginError::UnknownType(other.to_owned())),
     }

@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::framework::attributes::InFlightLoad;
 use crate::framework::data::{CycleState, DataKey};
-use crate::framework::requestcontrol::SaturationDetector;
+use crate::framework::requestcontrol::{SaturationDetector, Unseen};
 use crate::framework::scheduling::{Candidate, Filter, SchedulingRequest};
 
 /// Why detector parameters are unusable.
@@ -152,6 +152,26 @@ impl SaturationDetector for Utilization {
         let total: f64 = candidates.iter().map(|c| self.score(c, now).unwrap_or(1.0)).sum();
         total / candidates.len() as f64
     }
+
+    /// Each endpoint's queue grows by its share of the requests dispatched after its scrape.
+    fn saturation_with(&self, candidates: &[Candidate<'_>], now: Instant, unseen: &Unseen<'_>) -> f64 {
+        if candidates.is_empty() {
+            return 1.0;
+        }
+        let n = candidates.len() as f64;
+        let total: f64 = candidates
+            .iter()
+            .map(|c| {
+                let m = c.metrics();
+                if !m.is_fresh(now, self.staleness) {
+                    return 1.0;
+                }
+                let queue = f64::from(m.waiting_queue) + unseen.since(m.updated_at) as f64 / n;
+                (queue / self.queue_depth).max(m.kv_cache_usage / self.kv_cache_util)
+            })
+            .sum();
+        total / n
+    }
 }
 
 impl Filter for Utilization {
@@ -262,6 +282,40 @@ impl SaturationDetector for Concurrency {
             ConcurrencyMode::Hybrid => {
                 loads
                     .map(|(r, t)| (r / self.max_requests).max(t / self.max_tokens))
+                    .sum::<f64>()
+                    / n
+            }
+        }
+    }
+
+    /// Requests dispatched and not yet scheduled count as in flight, spread evenly; in tokens
+    /// each counts as the mean of the requests in flight.
+    fn saturation_with(&self, candidates: &[Candidate<'_>], _now: Instant, unseen: &Unseen<'_>) -> f64 {
+        if candidates.is_empty() {
+            return 1.0;
+        }
+        let n = candidates.len() as f64;
+        let (requests, tokens) = candidates
+            .iter()
+            .map(|c| self.load_of(c))
+            .fold((0.0, 0.0), |(r, t), (cr, ct)| (r + cr, t + ct));
+        let extra = unseen.unscheduled as f64;
+        let extra_tokens = if requests > 0.0 {
+            extra * tokens / requests
+        } else {
+            0.0
+        };
+        let share = (extra / n, extra_tokens / n);
+        match self.mode {
+            ConcurrencyMode::Requests => (requests + extra) / (self.max_requests * n),
+            ConcurrencyMode::Tokens => (tokens + extra_tokens) / (self.max_tokens * n),
+            ConcurrencyMode::Hybrid => {
+                candidates
+                    .iter()
+                    .map(|c| {
+                        let (r, t) = self.load_of(c);
+                        ((r + share.0) / self.max_requests).max((t + share.1) / self.max_tokens)
+                    })
                     .sum::<f64>()
                     / n
             }
@@ -384,5 +438,42 @@ mod tests {
         assert!(serde_yaml::from_str::<ConcurrencyParams>("concurrencyMode: bytes").is_err());
         let p: ConcurrencyParams = serde_yaml::from_str("maxConcurrency: 0").unwrap();
         assert!(Concurrency::new(key, &p).is_err());
+    }
+
+    #[test]
+    fn unseen_dispatches_count_until_the_figures_show_them() {
+        let u = Utilization::default();
+        let s = states(&[(0, 0.0), (0, 0.0)]);
+        let c = candidates(&s);
+        let scraped = s[0].metrics().updated_at.unwrap();
+        let now = scraped + Duration::from_millis(10);
+        let before = scraped - Duration::from_millis(5);
+        let after = scraped + Duration::from_millis(5);
+        // Four dispatched after the scrape: two more waiting per endpoint of threshold 5.
+        let at = [before, after, after, after, after];
+        let unseen = Unseen {
+            unscheduled: 0,
+            dispatched_at: &at,
+        };
+        assert_eq!(unseen.since(Some(scraped)), 4);
+        assert!((u.saturation_with(&c, now, &unseen) - 0.4).abs() < 1e-12);
+        assert_eq!(u.saturation_with(&c, now, &Unseen::default()), 0.0);
+
+        let key = DataKey::<InFlightLoad>::named("concurrency-unseen");
+        let mut s = states(&[(0, 0.0), (0, 0.0)]);
+        let load = InFlightLoad::new();
+        for st in s.iter_mut() {
+            st.set(key, Arc::new(load.clone()));
+        }
+        let _g = load.counters.start(100);
+        let p: ConcurrencyParams = serde_yaml::from_str("maxConcurrency: 2").unwrap();
+        let d = Concurrency::new(key, &p).unwrap();
+        let c = candidates(&s);
+        let unseen = Unseen {
+            unscheduled: 2,
+            dispatched_at: &[],
+        };
+        // Both endpoints read the same counter (1 each) plus one unscheduled each: 4 / 4.
+        assert!((d.saturation_with(&c, now, &unseen) - 1.0).abs() < 1e-12);
     }
 }

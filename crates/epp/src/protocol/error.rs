@@ -39,6 +39,8 @@ pub enum ErrorAnswer {
         code: &'static str,
         /// Reply body.
         body: String,
+        /// `x-llm-d-request-dropped-reason`, for flow-control outcomes.
+        dropped_reason: Option<&'static str>,
     },
     /// Fail the gRPC stream; the gateway's failure mode decides.
     Abort(tonic::Status),
@@ -49,6 +51,7 @@ fn immediate(status: u16, code: &'static str, err: &dyn std::fmt::Display) -> Er
         status,
         code,
         body: format!("inference gateway: {code} - {err}"),
+        dropped_reason: None,
     }
 }
 
@@ -76,11 +79,19 @@ impl StreamError {
                 DirectorError::Scheduling(_) | DirectorError::Shed => {
                     immediate(429, "InferencePoolResourceExhausted", d)
                 }
-                DirectorError::Dispatch(DispatchError::Rejected(_)) => {
-                    immediate(429, "InferencePoolResourceExhausted", d)
-                }
-                DirectorError::Dispatch(DispatchError::Expired | DispatchError::Shutdown) => {
-                    immediate(503, "ServiceUnavailable", d)
+                DirectorError::Dispatch(e) => {
+                    let mut answer = match e {
+                        DispatchError::Saturated | DispatchError::Expired | DispatchError::Rejected(_) => {
+                            immediate(429, "InferencePoolResourceExhausted", d)
+                        }
+                        DispatchError::NoEndpoints | DispatchError::Cancelled | DispatchError::Shutdown => {
+                            immediate(503, "ServiceUnavailable", d)
+                        }
+                    };
+                    if let ErrorAnswer::Immediate { dropped_reason, .. } = &mut answer {
+                        *dropped_reason = e.dropped_reason();
+                    }
+                    answer
                 }
             },
             Self::UnsupportedBodyMode(_) => immediate(500, "Internal", self),
@@ -141,10 +152,38 @@ mod tests {
             status_and_body(DirectorError::Dispatch(DispatchError::Rejected("full".into()))).0,
             429
         );
-        assert_eq!(
-            status_and_body(DirectorError::Dispatch(DispatchError::Expired)).0,
-            503
-        );
+        assert!(matches!(
+            StreamError::from(DirectorError::Dispatch(DispatchError::Rejected("full".into()))).answer(),
+            ErrorAnswer::Immediate {
+                dropped_reason: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn flow_control_outcomes_carry_the_reference_status_and_reason() {
+        for (e, status, reason) in [
+            (DispatchError::Saturated, 429, "rejected-saturated"),
+            (DispatchError::NoEndpoints, 503, "rejected-no-endpoints"),
+            (DispatchError::Expired, 429, "rejected-ttl-expired"),
+            (DispatchError::Cancelled, 503, "rejected-context-cancelled"),
+            (DispatchError::Shutdown, 503, "rejected-shutting-down"),
+        ] {
+            let text = e.to_string();
+            match StreamError::from(DirectorError::Dispatch(e)).answer() {
+                ErrorAnswer::Immediate {
+                    status: s,
+                    body,
+                    dropped_reason,
+                    ..
+                } => {
+                    assert_eq!((s, dropped_reason), (status, Some(reason)));
+                    assert!(body.ends_with(&text), "{body}");
+                }
+                ErrorAnswer::Abort(s) => panic!("aborted: {s}"),
+            }
+        }
         assert!(matches!(
             StreamError::from(DirectorError::NotSynced).answer(),
             ErrorAnswer::Abort(s) if s.code() == tonic::Code::Unavailable

@@ -188,11 +188,20 @@ impl ExtProcStream {
         // Free the buffered body at once; nothing of it will be sent.
         self.chunks = Vec::new();
         match err.answer() {
-            ErrorAnswer::Immediate { status, code, body } => {
+            ErrorAnswer::Immediate {
+                status,
+                code,
+                body,
+                dropped_reason,
+            } => {
                 tracing::debug!(request_id = %self.record.request_id, status, code, error = %err, "request refused");
                 self.record.error = Some((status, code));
                 self.record.scheduling_failed = err.is_scheduling_failure();
-                out.push(wire::immediate(status, body));
+                let mut answer = wire::immediate(status, body);
+                if let Some(reason) = dropped_reason {
+                    wire::add_immediate_header(&mut answer, keys::REQUEST_DROPPED_REASON, reason);
+                }
+                out.push(answer);
                 Step::Close
             }
             ErrorAnswer::Abort(status) => {

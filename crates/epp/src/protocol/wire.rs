@@ -152,6 +152,16 @@ pub fn immediate(status: u16, body: String) -> ProcessingResponse {
     }))
 }
 
+/// Adds a response header to an [`immediate`] answer (anything else is left alone).
+pub fn add_immediate_header(answer: &mut ProcessingResponse, name: &str, value: &str) {
+    if let Some(Response::ImmediateResponse(r)) = &mut answer.response {
+        r.headers
+            .get_or_insert_with(HeaderMutation::default)
+            .set_headers
+            .push(set_header(name, value.as_bytes()));
+    }
+}
+
 /// Splits a body into chunk answers of at most [`MAX_CHUNK`] bytes, the last flagged
 /// `end_of_stream` when `last`. Chunks that already fit are moved, not copied; an empty body
 /// still yields one (empty) answer so the stream carries its end.

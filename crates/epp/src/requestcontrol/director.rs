@@ -24,7 +24,9 @@ use crate::framework::requestcontrol::{
     Admit, DataProducer, DispatchError, DispatchRequest, Dispatcher, HeldSet, PreRequest, PreRequestContext,
     SaturationDetector, Wait,
 };
-use crate::framework::scheduling::{Candidate, SchedulingError, SchedulingRequest, SchedulingResult};
+use crate::framework::scheduling::{
+    Candidate, SchedulingError, SchedulingRequest, SchedulingResult, candidates,
+};
 use crate::request::{ParsedBody, RequestError, RequestHeaders, keys, parse_body, rewrite_model};
 use crate::requestcontrol::objectives::PriorityLookup;
 use crate::scheduling::Scheduler;
@@ -151,6 +153,8 @@ pub struct RequestInfo {
     pub request_id: String,
     /// Whether `request_id` was generated (then it is sent upstream too).
     pub generated_id: bool,
+    /// When the request's headers arrived.
+    pub received: Instant,
 }
 
 impl RequestInfo {
@@ -167,6 +171,7 @@ impl RequestInfo {
             headers,
             request_id,
             generated_id,
+            received: Instant::now(),
         }
     }
 }
@@ -441,11 +446,17 @@ impl Director {
         let snapshot = self.synced_snapshot()?;
         let now = Instant::now();
         let cands = self.allowed(snapshot.endpoints(), subset, now);
-        if cands.is_empty() {
+        // With flow control an empty pool is a waiting room (v0.10): requests queue until
+        // endpoints appear or their TTL passes.
+        if cands.is_empty() && (self.dispatcher.is_none() || !snapshot.endpoints().is_empty()) {
             return Err(DirectorError::NoCandidates);
         }
         let priority = self.priority(&info.headers);
-        if priority < 0 && self.control.saturation.timed(|d| d.saturation(&cands, now)) >= 1.0 {
+        // Flow control replaces shedding (v0.10 uses one admission controller or the other).
+        if self.dispatcher.is_none()
+            && priority < 0
+            && self.control.saturation.timed(|d| d.saturation(&cands, now)) >= 1.0
+        {
             return Err(DirectorError::Shed);
         }
         let mut waits: Vec<Wait> = Vec::new();
@@ -459,6 +470,7 @@ impl Director {
             );
         }
         if let Some(dispatcher) = &self.dispatcher {
+            let pool = candidates(snapshot.endpoints());
             let req = DispatchRequest {
                 request_id: &info.request_id,
                 priority,
@@ -467,6 +479,15 @@ impl Director {
                     .control(keys::FAIRNESS_ID)
                     .unwrap_or(keys::DEFAULT_FAIRNESS_ID),
                 bytes: body.len(),
+                model: &parsed.model,
+                target_model: info.headers.control(keys::MODEL_REWRITE).unwrap_or(&parsed.model),
+                received: info.received,
+                slo_ttft: info
+                    .headers
+                    .control(keys::SLO_TTFT_MS)
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_millis),
+                pool: &pool,
             };
             if let Admit::Wait(wait) = dispatcher.dispatch(&req) {
                 waits.push(wait);
