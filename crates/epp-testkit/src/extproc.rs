@@ -121,6 +121,45 @@ pub async fn start_with(config: &str, flags: &[&str], dispatcher: Option<Arc<dyn
     }
 }
 
+/// An in-process EPP as `epp` runs it (TLS on the ext_proc port, as Envoy in `e2e` expects),
+/// discovery and scraping included, over the static pool `endpoints`; unlike the binary, the
+/// test can set InferenceObjective priorities ([`Epp::objectives`]).
+pub async fn start_live(config: &str, endpoints: &[SocketAddr], flags: &[&str]) -> Epp {
+    let text = format!("--config-text={config}");
+    let pool = format!(
+        "--static-endpoints={}",
+        endpoints
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let args = std::iter::once("epp")
+        .chain(BASE_FLAGS[1..BASE_FLAGS.len() - 1].iter().copied())
+        .chain([text.as_str(), pool.as_str()])
+        .chain(flags.iter().copied());
+    let cli = parse_args(args.map(Into::into)).unwrap();
+    let resolved = EppConfig::resolve(cli, &|_| None, Some(42)).unwrap();
+    let records = Arc::new(Collect::default());
+    let running = app::start_config(
+        resolved,
+        Hooks {
+            observer: Some(records.clone()),
+            dispatcher: None,
+        },
+    )
+    .await
+    .unwrap();
+    Epp {
+        addr: running.grpc_addr,
+        metrics_addr: running.metrics_addr,
+        store: running.store.clone(),
+        objectives: running.objectives.clone(),
+        records,
+        running: Some(running),
+    }
+}
+
 impl Epp {
     /// Starts the EPP's graceful shutdown (as SIGTERM does).
     pub fn shutdown(&self) {

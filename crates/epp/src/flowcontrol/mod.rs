@@ -18,3 +18,6 @@ pub mod metrics;
 pub mod queue;
 
 pub use controller::FlowController;
+
+#[cfg(test)]
+mod tests;
