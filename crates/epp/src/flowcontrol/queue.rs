@@ -30,6 +30,9 @@ struct ItemKey {
     seq: u64,
 }
 
+/// A queued request's ticket and the request it pushed out, if any.
+pub type Pushed<T> = (Ticket, Option<Entry<T>>);
+
 /// Why a request was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Full {
@@ -60,6 +63,23 @@ struct Band<T> {
     len: u64,
     bytes: u64,
     last: Option<Arc<str>>,
+}
+
+impl<T> Band<T> {
+    /// The request a newcomer of flow `id` pushes out of this full band: the newest of the
+    /// largest flow, if the band shares capacity and that flow holds at least two more than
+    /// `id` (so the newcomer's flow does not become the larger one).
+    fn victim(&self, id: &str) -> Option<(Arc<str>, ItemKey)> {
+        if !self.cfg.fairness.plugin.shares_capacity() {
+            return None;
+        }
+        let mine = self.flows.get(id).map_or(0, BTreeMap::len);
+        let (flow, items) = self.flows.iter().max_by_key(|(_, items)| items.len())?;
+        if &**flow == id || items.len() < mine + 2 {
+            return None;
+        }
+        Some((flow.clone(), *items.last_key_value()?.0))
+    }
 }
 
 /// All bands, highest priority first.
@@ -131,8 +151,15 @@ impl<T> Queues<T> {
         }
     }
 
+    /// The priorities with a band, highest first.
+    pub fn priorities(&self) -> &[i32] {
+        &self.priorities
+    }
+
     /// Queues a request of `bytes` at `priority` in flow `fairness_id`, or says which limit
-    /// it would break.
+    /// it would break. When the band is full of requests and its fairness policy shares
+    /// capacity, a flow smaller than the largest gets in by pushing out the largest flow's
+    /// newest request, returned beside the ticket.
     pub fn push(
         &mut self,
         priority: i32,
@@ -140,7 +167,7 @@ impl<T> Queues<T> {
         req: &QueuedRequest,
         bytes: u64,
         value: T,
-    ) -> Result<Ticket, (Full, T)> {
+    ) -> Result<Pushed<T>, (Full, T)> {
         let cfg = &self.cfg;
         if cfg.max_bytes > 0 && self.bytes + bytes > cfg.max_bytes {
             return Err((Full::GlobalBytes, value));
@@ -149,13 +176,18 @@ impl<T> Queues<T> {
             return Err((Full::GlobalRequests, value));
         }
         let i = self.band_index(priority);
-        let band = &mut self.bands[i];
+        let band = &self.bands[i];
         if band.bytes + bytes > band.cfg.max_bytes {
             return Err((Full::BandBytes, value));
         }
+        let mut pushed_out = None;
         if band.len + 1 > band.cfg.max_requests {
-            return Err((Full::BandRequests, value));
+            let Some((flow, key)) = band.victim(fairness_id) else {
+                return Err((Full::BandRequests, value));
+            };
+            pushed_out = self.take(i, &flow, &key);
         }
+        let band = &mut self.bands[i];
         let key = band.cfg.ordering.plugin.key(req);
         self.seq += 1;
         let key = ItemKey {
@@ -175,7 +207,7 @@ impl<T> Queues<T> {
         band.bytes += bytes;
         self.len += 1;
         self.bytes += bytes;
-        Ok(Ticket { priority, flow, key })
+        Ok((Ticket { priority, flow, key }, pushed_out))
     }
 
     fn take(&mut self, band: usize, flow: &Arc<str>, key: &ItemKey) -> Option<Entry<T>> {
@@ -339,6 +371,14 @@ mod tests {
         );
         q.push(5, "z", &req(t, None), 10, 8).unwrap();
         assert_eq!((q.len(), q.bytes()), (6, 60));
+        // ... and lets a smaller one in, pushing out the largest flow's newest.
+        let (_, out) = q.push(-1, "b", &req(t, None), 10, 9).unwrap();
+        assert_eq!(out.unwrap().value, 5);
+        assert_eq!(
+            q.push(-1, "c", &req(t, None), 10, 10).unwrap_err().0,
+            Full::BandRequests
+        );
+        assert_eq!((q.len(), q.bytes()), (6, 60));
         // Saturated: nothing goes.
         assert!(q.pop(1.0).is_none());
         // Priority 5 first, then 0 round-robin a, b, a, then -1.
@@ -353,7 +393,7 @@ mod tests {
                 (0, "b".into(), 3),
                 (0, "a".into(), 2),
                 (-1, "a".into(), 4),
-                (-1, "a".into(), 5)
+                (-1, "b".into(), 9)
             ]
         );
         assert_eq!((q.len(), q.bytes()), (0, 0));
@@ -364,7 +404,7 @@ mod tests {
     fn global_limits_removal_and_drain() {
         let t = Instant::now();
         let mut q: Queues<u32> = Queues::new(config(2, 0.8, false));
-        let first = q.push(0, "a", &req(t, None), 1, 1).unwrap();
+        let (first, _) = q.push(0, "a", &req(t, None), 1, 1).unwrap();
         q.push(0, "b", &req(t, None), 1, 2).unwrap();
         assert_eq!(
             q.push(0, "c", &req(t, None), 1, 3).unwrap_err().0,

@@ -21,7 +21,9 @@ use crate::framework::requestcontrol::{
 };
 use crate::framework::scheduling::{Candidate, candidates};
 use crate::observability::labels::BoundedLabel;
-use crate::plugins::flowcontrol::{Fcfs, GlobalStrict, RoundRobin, StaticUsageLimit, StaticUsageParams};
+use crate::plugins::flowcontrol::{
+    Fcfs, GlobalStrict, PriorityHoldback, RoundRobin, StaticUsageLimit, StaticUsageParams,
+};
 use crate::protocol::{RequestObserver, RequestRecord};
 
 /// `busy` of `cap` slots in use, plus the unscheduled dispatches.
@@ -68,13 +70,23 @@ struct Rig {
 }
 
 fn rig(cap: usize, max_requests: u64, ttl: Option<Duration>, round_robin: bool) -> Rig {
+    rig_with(cap, max_requests, ttl, round_robin, |_| {})
+}
+
+fn rig_with(
+    cap: usize,
+    max_requests: u64,
+    ttl: Option<Duration>,
+    round_robin: bool,
+    tweak: impl FnOnce(&mut FlowControlConfig),
+) -> Rig {
     let fairness: Arc<dyn FairnessPolicy> = if round_robin {
         Arc::new(RoundRobin)
     } else {
         Arc::new(GlobalStrict)
     };
     let b = band(max_requests, fairness);
-    let cfg = FlowControlConfig {
+    let mut cfg = FlowControlConfig {
         max_bytes: 0,
         max_requests: 0,
         ttl,
@@ -86,6 +98,7 @@ fn rig(cap: usize, max_requests: u64, ttl: Option<Duration>, round_robin: bool) 
             plugin: Arc::new(StaticUsageLimit::new(&StaticUsageParams::default()).unwrap()),
         },
     };
+    tweak(&mut cfg);
     let slots = Arc::new(Slots {
         busy: AtomicUsize::new(0),
         cap: cap as f64,
@@ -327,6 +340,49 @@ async fn a_burst_is_released_only_as_far_as_the_pool_has_room() {
     assert_eq!(rig.fc.queued(), 7);
     let done = settle(&rig, &mut waits).await;
     assert_eq!(done.len(), 3);
+    rig.cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn holdback_keeps_room_for_the_higher_band() {
+    let rig = rig_with(4, 100, None, false, |cfg| {
+        cfg.bands.push((10, cfg.default_band.clone()));
+        cfg.bands.sort_by_key(|(p, _)| std::cmp::Reverse(*p));
+        cfg.usage_limit = Policy {
+            name: "priority-holdback-policy".into(),
+            plugin: Arc::new(
+                PriorityHoldback::new(&serde_yaml::from_str("minCeiling: 0.5").unwrap()).unwrap(),
+            ),
+        };
+    });
+    // Band 0 stops at half the slots: its third request waits though two slots are free ...
+    assert!(matches!(rig.ask("a", 0, "t"), Admit::Now));
+    rig.slots.busy.store(2, Ordering::SeqCst);
+    let mut waits = vec![("b".to_owned(), rig.wait("b", 0, "t"))];
+    assert!(settle(&rig, &mut waits).await.is_empty());
+    // ... which band 10 uses (it queues behind b, and is dispatched first).
+    waits.push(("c".into(), rig.wait("c", 10, "t")));
+    assert_eq!(settle(&rig, &mut waits).await, vec![("c".to_owned(), Ok(()))]);
+    rig.cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_round_robin_band_makes_room_for_the_smaller_tenant() {
+    let rig = rig(1, 3, None, true);
+    rig.slots.busy.store(1, Ordering::SeqCst);
+    let mut waits: Vec<(String, Wait)> = (0..3)
+        .map(|i| (format!("a{i}"), rig.wait(&format!("a{i}"), 0, "a")))
+        .collect();
+    waits.push(("b0".into(), rig.wait("b0", 0, "b")));
+    assert_eq!(
+        settle(&rig, &mut waits).await,
+        vec![("a2".to_owned(), Err(DispatchError::PushedOut))]
+    );
+    assert_eq!(rig.fc.queued(), 3);
+    assert!(
+        rig.metrics()
+            .contains("outcome=\"EvictedQueuePressure\",priority=\"0\",inference_pool=\"pool\"} 1")
+    );
     rig.cancel.cancel();
 }
 

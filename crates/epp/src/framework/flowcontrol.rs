@@ -46,6 +46,13 @@ pub trait FairnessPolicy: Send + Sync {
     /// An index into `flows` (non-empty, sorted by id), given the id served last in this band
     /// (`None` when none was, or it left). `None` only when `flows` is empty.
     fn select(&self, flows: &[FlowHead<'_>], last: Option<&str>) -> Option<usize>;
+
+    /// Whether a full band makes room for a flow holding fewer requests than the largest one
+    /// by pushing out that flow's newest request, so that one tenant filling the band cannot
+    /// lock the others out. False by default (the reference rejects the newcomer).
+    fn shares_capacity(&self) -> bool {
+        false
+    }
 }
 
 /// How full the pool may be while a band is served.

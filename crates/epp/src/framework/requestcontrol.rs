@@ -239,6 +239,10 @@ pub enum DispatchError {
     /// The request waited its TTL (429 `rejected-ttl-expired`).
     #[error("request timed out in queue: request evicted from queue: request TTL expired")]
     Expired,
+    /// The band was full and a smaller tenant's request took this one's place (429
+    /// `evicted-queue-pressure`; a reason v0.10 defines, used here by round-robin fairness).
+    #[error("request evicted from queue: queue at capacity and its tenant held the largest share")]
+    PushedOut,
     /// The client went away while the request waited (503 `rejected-context-cancelled`; the
     /// gateway has gone, so nobody reads it).
     #[error("client disconnected: request evicted from queue: request context cancelled")]
@@ -258,6 +262,7 @@ impl DispatchError {
             Self::Saturated => "rejected-saturated",
             Self::NoEndpoints => "rejected-no-endpoints",
             Self::Expired => "rejected-ttl-expired",
+            Self::PushedOut => "evicted-queue-pressure",
             Self::Cancelled => "rejected-context-cancelled",
             Self::Shutdown => "rejected-shutting-down",
             Self::Rejected(_) => return None,

@@ -7,12 +7,20 @@
 //! * fairness between the flows (fairness ids) of a band: `global-strict-fairness-policy` (the
 //!   flow whose head comes first in the band's ordering: one order across tenants) and
 //!   `round-robin-fairness-policy` (flows in turn, sorted by id, starting after the one
-//!   served last);
-//! * `static-usage-limit-policy`: one ceiling, `threshold` (1.0, in (0, 1]), for every band.
+//!   served last). Beyond the reference, a full round-robin band admits a newcomer from a
+//!   flow smaller than the largest by pushing out the largest flow's newest request (429
+//!   `evicted-queue-pressure`): otherwise the tenant sending most fills the band and the
+//!   others' requests are refused at the door, and taking turns shares nothing;
+//! * `static-usage-limit-policy`: one ceiling, `threshold` (1.0, in (0, 1]), for every band;
+//! * `priority-holdback-policy` (v0.10 alpha): ceilings spread linearly from `maxCeiling` (1.0)
+//!   for the highest band to `minCeiling` (required, in [0, 1)) for the lowest, by rank
+//!   (`domain: rank`, the default: equal steps) or by priority value (`domain: value`); with
+//!   one band, `maxCeiling`. Lower bands stop while room is left for higher ones
+//!   (`usagelimits/priorityholdback/`).
 //!
-//! None takes parameters but the usage limit's `threshold`. The reference does not check the
-//! threshold's range; this EPP refuses a value outside (0, 1], which would never or always
-//! gate.
+//! The ordering and fairness policies take no parameters. The reference does not check the
+//! static threshold's range; this EPP refuses a value outside (0, 1], which would never or
+//! always gate.
 
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -91,6 +99,12 @@ impl FairnessPolicy for RoundRobin {
         let next = last.map_or(0, |last| flows.partition_point(|f| f.id <= last));
         Some(if next == flows.len() { 0 } else { next })
     }
+
+    /// Taking turns is only fair if every tenant can wait its turn: a full band pushes out the
+    /// largest flow's newest request for a smaller flow's newcomer.
+    fn shares_capacity(&self) -> bool {
+        true
+    }
 }
 
 /// `static-usage-limit-policy` parameters.
@@ -121,6 +135,98 @@ impl StaticUsageLimit {
 impl UsageLimitPolicy for StaticUsageLimit {
     fn ceilings(&self, _saturation: f64, _priorities: &[i32], ceilings: &mut [f64]) {
         ceilings.fill(self.threshold);
+    }
+}
+
+/// `priority-holdback-policy` parameters.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HoldbackParams {
+    /// Interpolation curve: `linear`, the only one.
+    pub shape: Option<String>,
+    /// `rank` (default) or `value`.
+    pub domain: Option<String>,
+    /// Ceiling of the lowest band, in [0, 1); required.
+    pub min_ceiling: Option<f64>,
+    /// Ceiling of the highest band, in (0, 1]; 1.0 by default.
+    pub max_ceiling: Option<f64>,
+}
+
+/// `priority-holdback-policy`: see the module docs.
+#[derive(Debug)]
+pub struct PriorityHoldback {
+    by_value: bool,
+    min: f64,
+    max: f64,
+}
+
+impl PriorityHoldback {
+    /// The policy from its parameters; every problem is reported, joined.
+    pub fn new(p: &HoldbackParams) -> Result<Self, String> {
+        let mut errs = Vec::new();
+        if let Some(shape) = p.shape.as_deref().filter(|s| *s != "linear") {
+            errs.push(format!("unsupported shape \"{shape}\", must be \"linear\""));
+        }
+        let by_value = match p.domain.as_deref() {
+            None | Some("rank") => false,
+            Some("value") => true,
+            Some(other) => {
+                errs.push(format!(
+                    "unsupported domain \"{other}\", must be one of: \"rank\", \"value\""
+                ));
+                false
+            }
+        };
+        let max = p.max_ceiling.unwrap_or(1.0);
+        if !(max > 0.0 && max <= 1.0) {
+            errs.push(format!("maxCeiling must be in (0.0, 1.0], got {max}"));
+        }
+        let min = match p.min_ceiling {
+            None => {
+                errs.push("minCeiling is required".to_owned());
+                0.0
+            }
+            Some(min) => {
+                if !(0.0..1.0).contains(&min) {
+                    errs.push(format!("minCeiling must be in [0.0, 1.0), got {min}"));
+                } else if min >= max {
+                    errs.push(format!(
+                        "minCeiling ({min}) must be strictly less than maxCeiling ({max})"
+                    ));
+                }
+                min
+            }
+        };
+        if errs.is_empty() {
+            Ok(Self { by_value, min, max })
+        } else {
+            Err(errs.join("; "))
+        }
+    }
+}
+
+impl UsageLimitPolicy for PriorityHoldback {
+    fn ceilings(&self, _saturation: f64, priorities: &[i32], ceilings: &mut [f64]) {
+        let n = priorities.len();
+        if n <= 1 {
+            ceilings.fill(self.max);
+            return;
+        }
+        let spread = self.max - self.min;
+        if self.by_value {
+            let (hi, lo) = (f64::from(priorities[0]), f64::from(priorities[n - 1]));
+            for (c, p) in ceilings.iter_mut().zip(priorities) {
+                *c = if hi == lo {
+                    self.max
+                } else {
+                    self.min + (f64::from(*p) - lo) / (hi - lo) * spread
+                };
+            }
+        } else {
+            for (i, c) in ceilings.iter_mut().enumerate().take(n) {
+                *c = self.max - i as f64 * spread / (n - 1) as f64;
+            }
+        }
     }
 }
 
@@ -197,5 +303,32 @@ mod tests {
             assert!(StaticUsageLimit::new(&p).is_err(), "{bad}");
         }
         assert!(serde_yaml::from_str::<StaticUsageParams>("limit: 1").is_err());
+    }
+
+    #[test]
+    fn holdback_spreads_ceilings_by_rank_or_value() {
+        let rank = PriorityHoldback::new(&serde_yaml::from_str("minCeiling: 0.5").unwrap()).unwrap();
+        let mut c = [0.0; 3];
+        rank.ceilings(0.0, &[10, 0, -1], &mut c);
+        assert_eq!(c, [1.0, 0.75, 0.5]);
+        let mut one = [0.0];
+        rank.ceilings(0.0, &[3], &mut one);
+        assert_eq!(one, [1.0]);
+        let value = PriorityHoldback::new(
+            &serde_yaml::from_str("domain: value\nminCeiling: 0.2\nmaxCeiling: 0.8").unwrap(),
+        )
+        .unwrap();
+        value.ceilings(0.0, &[10, 0, -10], &mut c);
+        assert!((c[0] - 0.8).abs() < 1e-12 && (c[1] - 0.5).abs() < 1e-12 && (c[2] - 0.2).abs() < 1e-12);
+        for (bad, want) in [
+            ("{}", "minCeiling is required"),
+            ("minCeiling: 1.0", "minCeiling must be in [0.0, 1.0)"),
+            ("{minCeiling: 0.5, maxCeiling: 0.4}", "strictly less"),
+            ("{minCeiling: 0.5, shape: sigmoid}", "unsupported shape"),
+            ("{minCeiling: 0.5, domain: log}", "unsupported domain"),
+        ] {
+            let e = PriorityHoldback::new(&serde_yaml::from_str(bad).unwrap()).unwrap_err();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
     }
 }

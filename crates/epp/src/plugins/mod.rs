@@ -86,6 +86,7 @@ pub const KNOWN_TYPES: &[&str] = &[
     "global-strict-fairness-policy",
     "round-robin-fairness-policy",
     "static-usage-limit-policy",
+    "priority-holdback-policy",
 ];
 
 /// The ordering policy of a band that names none (v0.10 `DefaultOrderingPolicyRef`).
@@ -489,6 +490,10 @@ pub fn build(
             let p = flowcontrol::StaticUsageLimit::new(&params(parameters)?).map_err(invalid)?;
             h.usage_limit = Some(Arc::new(p));
         }
+        "priority-holdback-policy" => {
+            let p = flowcontrol::PriorityHoldback::new(&params(parameters)?).map_err(invalid)?;
+            h.usage_limit = Some(Arc::new(p));
+        }
         other => return Err(PluginError::UnknownType(other.to_owned())),
     }
     Ok(h)
@@ -601,8 +606,11 @@ mod tests {
         ]
         .into();
         for t in KNOWN_TYPES {
-            // A token producer needs a backend; every other type builds without parameters.
-            let params = if *t == "token-producer" {
+            // A token producer needs a backend and the holdback policy its `minCeiling`; every
+            // other type builds without parameters.
+            let params = if *t == "priority-holdback-policy" {
+                serde_yaml::from_str("minCeiling: 0.5").unwrap()
+            } else if *t == "token-producer" {
                 serde_yaml::from_str(concat!(
                     "local: {path: ",
                     env!("CARGO_MANIFEST_DIR"),

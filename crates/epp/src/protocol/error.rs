@@ -81,9 +81,10 @@ impl StreamError {
                 }
                 DirectorError::Dispatch(e) => {
                     let mut answer = match e {
-                        DispatchError::Saturated | DispatchError::Expired | DispatchError::Rejected(_) => {
-                            immediate(429, "InferencePoolResourceExhausted", d)
-                        }
+                        DispatchError::Saturated
+                        | DispatchError::Expired
+                        | DispatchError::PushedOut
+                        | DispatchError::Rejected(_) => immediate(429, "InferencePoolResourceExhausted", d),
                         DispatchError::NoEndpoints | DispatchError::Cancelled | DispatchError::Shutdown => {
                             immediate(503, "ServiceUnavailable", d)
                         }
@@ -167,6 +168,7 @@ mod tests {
             (DispatchError::Saturated, 429, "rejected-saturated"),
             (DispatchError::NoEndpoints, 503, "rejected-no-endpoints"),
             (DispatchError::Expired, 429, "rejected-ttl-expired"),
+            (DispatchError::PushedOut, 429, "evicted-queue-pressure"),
             (DispatchError::Cancelled, 503, "rejected-context-cancelled"),
             (DispatchError::Shutdown, 503, "rejected-shutting-down"),
         ] {
