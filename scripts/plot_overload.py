@@ -44,7 +44,8 @@ def main(src: str, dst: str) -> None:
     right.set_xticklabels(labels, fontsize=8)
     right.set_ylabel("requests")
     right.set_title("every request: served, or refused (status, x-llm-d-request-dropped-reason)")
-    right.legend(fontsize=7)
+    right.set_ylim(0, max(bottom) * 1.3)  # room for the legend above the bars
+    right.legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
 
