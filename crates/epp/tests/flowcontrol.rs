@@ -243,3 +243,148 @@ async fn without_the_gate_a_saturated_pool_routes_at_once() {
     assert_eq!(destination(&c.recv().await), A);
     assert!(!metrics(epp.metrics_addr).await.contains("flow_control"));
 }
+
+/// Two `vllm-sim` servers with one running slot each behind a real Envoy, a burst of critical
+/// and sheddable requests from two tenants at once: the requests wait in the picker, not at
+/// the servers; every critical request is served; the sheddable band holds two and refuses
+/// the rest with the reference's status and reason; the queue metrics saw the waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_vllm_sim_pool_behind_envoy_answers_every_request() {
+    use epp_testkit::e2e::{Envoy, Shape, Sim};
+    let mut sims = Vec::new();
+    for _ in 0..2 {
+        sims.push(Sim::start(|c| c.max_num_seqs = 1).await);
+    }
+    let pool: Vec<SocketAddr> = sims.iter().map(|s| s.addr).collect();
+    let config = "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- name: slots
+  type: concurrency-detector
+  parameters: {maxConcurrency: 1}
+flowControl:
+  defaultRequestTTL: 30s
+  saturationDetector: {pluginRef: slots}
+  priorityBands:
+  - {priority: 10}
+  defaultNegativePriorityBand: {maxRequests: 2}
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: slots}, {pluginRef: queue-scorer}]
+";
+    let epp = start_live(config, &pool, &[]).await;
+    epp.objectives.replace(
+        [("critical".to_owned(), 10), ("sheddable".to_owned(), -1)]
+            .into_iter()
+            .collect(),
+    );
+    let envoy = Envoy::start(Shape::AiGateway, epp.addr.port(), &pool).await;
+    let url = envoy.url("/v1/chat/completions");
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let body = |text: &str| {
+        serde_json::json!({"model": "tiny", "max_tokens": 10,
+            "messages": [{"role": "user", "content": text}]})
+        .to_string()
+    };
+    // Ready once the pool has been scraped and a request goes through.
+    let mut ready = false;
+    for _ in 0..200 {
+        let r = client.post(&url).body(body("probe")).send().await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ready, "the pool never served");
+
+    // Watch the servers' own waiting queues while the burst runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (stop, sims) = (
+            stop.clone(),
+            sims.iter().map(|s| s.sim.clone()).collect::<Vec<_>>(),
+        );
+        tokio::spawn(async move {
+            let mut most = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                most = sims
+                    .iter()
+                    .map(|s| s.stats().waiting)
+                    .max()
+                    .unwrap_or(0)
+                    .max(most);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            most
+        })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..14 {
+        let (objective, tenant) = match i % 7 {
+            0..=2 => ("critical", "a"),
+            3..=4 => ("sheddable", "a"),
+            _ => ("sheddable", "b"),
+        };
+        let (client, url, body) = (client.clone(), url.clone(), body(&format!("request {i}")));
+        tasks.push(tokio::spawn(async move {
+            let r = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .header("x-llm-d-inference-objective", objective)
+                .header("x-llm-d-inference-fairness-id", tenant)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let reason = r
+                .headers()
+                .get("x-llm-d-request-dropped-reason")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let _ = r.bytes().await;
+            (objective, status, reason)
+        }));
+    }
+    let mut outcomes: HashMap<(&str, u16, Option<String>), usize> = HashMap::new();
+    for t in tasks {
+        *outcomes.entry(t.await.unwrap()).or_default() += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most_waiting = watcher.await.unwrap();
+
+    assert_eq!(outcomes.get(&("critical", 200, None)), Some(&6), "{outcomes:?}");
+    let refused = outcomes
+        .get(&("sheddable", 429, Some("rejected-saturated".to_owned())))
+        .copied()
+        .unwrap_or(0);
+    let served = outcomes.get(&("sheddable", 200, None)).copied().unwrap_or(0);
+    assert_eq!(
+        served + refused,
+        8,
+        "only served or refused with the reason: {outcomes:?}"
+    );
+    assert!(refused >= 1, "the sheddable band holds two: {outcomes:?}");
+    // Two slots; the picker holds the rest (one may slip onto a server between two streams'
+    // checks, never the burst).
+    assert!(
+        most_waiting <= 1,
+        "requests queued at the servers: {most_waiting}"
+    );
+    let text = metrics(epp.metrics_addr).await;
+    let waited = value(
+        &text,
+        "llm_d_epp_flow_control_request_queue_duration_seconds_sum",
+        &["outcome=\"Dispatched\"", "priority=\"10\""],
+    )
+    .unwrap();
+    assert!(waited > 0.0, "critical requests waited in the queue");
+    let rejected = value(
+        &text,
+        "llm_d_epp_flow_control_requests_total",
+        &["outcome=\"RejectedCapacity\"", "priority=\"-1\""],
+    );
+    assert_eq!(rejected, Some(refused as f64));
+}
