@@ -388,3 +388,38 @@ schedulingProfiles:
     );
     assert_eq!(rejected, Some(refused as f64));
 }
+
+/// The example of `docs/plugins.md` ("Flow control") loads and resolves as the page says.
+#[test]
+fn the_documented_example_loads() {
+    use endpoint_picker::config::EndpointPickerConfig;
+    use endpoint_picker::plugins::Defaults;
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/plugins.md")).unwrap();
+    let at = doc.find("\n## Flow control\n").unwrap();
+    let yaml = doc[at..]
+        .split("```yaml\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let text = format!("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n{yaml}");
+    let set = EndpointPickerConfig::from_text(&text, "plugins.md")
+        .and_then(|c| c.build(&Defaults::builtin(), Some(1)))
+        .unwrap();
+    let fc = set.flow_control.unwrap();
+    assert_eq!(fc.ttl, Some(Duration::from_secs(30)));
+    assert_eq!((fc.max_requests, fc.max_bytes), (10_000, 0));
+    assert_eq!(&*fc.usage_limit.name, "priority-holdback-policy");
+    let critical = fc.band(10);
+    assert_eq!(&*critical.fairness.name, "round-robin-fairness-policy");
+    assert_eq!(&*critical.ordering.name, "fcfs-ordering-policy");
+    assert_eq!(
+        (critical.max_requests, critical.max_bytes),
+        (5_000, 1_000_000_000)
+    );
+    let sheddable = fc.band(-1);
+    assert_eq!(sheddable.max_requests, 500);
+    assert_eq!(&*sheddable.fairness.name, "round-robin-fairness-policy");
+    assert_eq!(&*fc.band(3).fairness.name, "global-strict-fairness-policy");
+}
