@@ -100,6 +100,13 @@ pub async fn start_with(config: &str, flags: &[&str], dispatcher: Option<Arc<dyn
     resolved.discovery = DiscoveryPlan::Manual;
     resolved.plugins.sources = Sources::default();
     resolved.collector.dedicated_thread = false;
+    let epp = launch(resolved, dispatcher).await;
+    epp.store.set_endpoints(Vec::<Endpoint>::new());
+    epp
+}
+
+/// Starts the app on `resolved`, recording every finished request.
+async fn launch(resolved: EppConfig, dispatcher: Option<Arc<dyn Dispatcher>>) -> Epp {
     let records = Arc::new(Collect::default());
     let running = app::start_config(
         resolved,
@@ -110,7 +117,6 @@ pub async fn start_with(config: &str, flags: &[&str], dispatcher: Option<Arc<dyn
     )
     .await
     .unwrap();
-    running.store.set_endpoints(Vec::<Endpoint>::new());
     Epp {
         addr: running.grpc_addr,
         metrics_addr: running.metrics_addr,
@@ -140,24 +146,7 @@ pub async fn start_live(config: &str, endpoints: &[SocketAddr], flags: &[&str]) 
         .chain(flags.iter().copied());
     let cli = parse_args(args.map(Into::into)).unwrap();
     let resolved = EppConfig::resolve(cli, &|_| None, Some(42)).unwrap();
-    let records = Arc::new(Collect::default());
-    let running = app::start_config(
-        resolved,
-        Hooks {
-            observer: Some(records.clone()),
-            dispatcher: None,
-        },
-    )
-    .await
-    .unwrap();
-    Epp {
-        addr: running.grpc_addr,
-        metrics_addr: running.metrics_addr,
-        store: running.store.clone(),
-        objectives: running.objectives.clone(),
-        records,
-        running: Some(running),
-    }
+    launch(resolved, None).await
 }
 
 impl Epp {

@@ -36,6 +36,20 @@ pub fn fixtures() -> PathBuf {
     repo_root().join("fixtures/vllm-0.32-cpu")
 }
 
+/// The first ```` ```yaml ```` block after the line `heading` of `docs/<page>`: the examples the
+/// documentation shows, so that tests load exactly what an operator would copy.
+pub fn documented_yaml(page: &str, heading: &str) -> String {
+    let doc = std::fs::read_to_string(repo_root().join("docs").join(page)).unwrap();
+    let at = doc
+        .find(&format!("\n{heading}\n"))
+        .unwrap_or_else(|| panic!("docs/{page} has no line {heading:?}"));
+    let block = doc[at..]
+        .split("```yaml\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("docs/{page}: no yaml block after {heading:?}"));
+    block.split("```").next().unwrap().to_owned()
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -394,15 +394,7 @@ schedulingProfiles:
 fn the_documented_example_loads() {
     use endpoint_picker::config::EndpointPickerConfig;
     use endpoint_picker::plugins::Defaults;
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/plugins.md")).unwrap();
-    let at = doc.find("\n## Flow control\n").unwrap();
-    let yaml = doc[at..]
-        .split("```yaml\n")
-        .nth(1)
-        .unwrap()
-        .split("```")
-        .next()
-        .unwrap();
+    let yaml = epp_testkit::documented_yaml("plugins.md", "## Flow control");
     let text = format!("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n{yaml}");
     let set = EndpointPickerConfig::from_text(&text, "plugins.md")
         .and_then(|c| c.build(&Defaults::builtin(), Some(1)))

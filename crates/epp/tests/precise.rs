@@ -133,15 +133,7 @@ fn the_references_examples_load() {
 
 #[test]
 fn the_documented_example_loads() {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/plugins.md")).unwrap();
-    let at = doc.find("### Precise prefix routing, configured").unwrap();
-    let yaml = doc[at..]
-        .split("```yaml\n")
-        .nth(1)
-        .unwrap()
-        .split("```")
-        .next()
-        .unwrap();
+    let yaml = epp_testkit::documented_yaml("plugins.md", "### Precise prefix routing, configured");
     let s = set(&yaml.replace("/models/llama-3.1-8b-instruct", TOKENIZER)).unwrap();
     let producers: Vec<&str> = s.control.producers.iter().map(|p| &*p.name).collect();
     assert_eq!(producers, ["token-producer", "precise-prefix-cache-producer"]);
