@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::FlowControlConfig;
 use super::metrics::{FlowMetrics, Outcome, RequestLabels};
-use super::queue::{Queues, Ticket};
+use super::queue::{Entry, Queues, Ticket};
 use crate::datalayer::EndpointStore;
 use crate::framework::flowcontrol::QueuedRequest;
 use crate::framework::plugin::Named;
@@ -238,15 +238,17 @@ impl Inner {
         };
         let now = Instant::now();
         for (_, _, entry) in drained {
-            let w = entry.value;
-            self.metrics.left(&w.labels, entry.bytes);
-            self.metrics.finished(
-                &w.labels,
-                Outcome::EvictedOther,
-                now.saturating_duration_since(w.enqueued),
-            );
-            let _ = w.tx.send(Err(DispatchError::Shutdown));
+            self.evict(entry, Outcome::EvictedOther, DispatchError::Shutdown, now);
         }
+    }
+
+    /// Answers a request taken out of the queue with `err`, counting it as `outcome`.
+    fn evict(&self, entry: Entry<Waiter>, outcome: Outcome, err: DispatchError, now: Instant) {
+        let w = entry.value;
+        self.metrics.left(&w.labels, entry.bytes);
+        self.metrics
+            .finished(&w.labels, outcome, now.saturating_duration_since(w.enqueued));
+        let _ = w.tx.send(Err(err));
     }
 
     fn enqueue(self: &Arc<Self>, req: &DispatchRequest<'_>, now: Instant) -> Admit {
@@ -283,14 +285,7 @@ impl Inner {
         let ticket = match pushed {
             Ok((ticket, pushed_out)) => {
                 if let Some(out) = pushed_out {
-                    let w = out.value;
-                    self.metrics.left(&w.labels, out.bytes);
-                    self.metrics.finished(
-                        &w.labels,
-                        Outcome::EvictedQueuePressure,
-                        now.saturating_duration_since(w.enqueued),
-                    );
-                    let _ = w.tx.send(Err(DispatchError::PushedOut));
+                    self.evict(out, Outcome::EvictedQueuePressure, DispatchError::PushedOut, now);
                 }
                 ticket
             }
