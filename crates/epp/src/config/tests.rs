@@ -497,6 +497,36 @@ fn token_load_scorer_gets_its_producer() {
     assert!(e.contains("'nobody' is not a plugin producing it"), "{e}");
 }
 
+/// llm-d-router v0.10's "optimized-baseline" profile, as its guides and its config tests write it.
+#[test]
+fn the_v010_optimized_baseline_loads_with_its_producers() {
+    let s = set(&format!(
+        "{HEAD}plugins:\n- type: queue-scorer\n- type: kv-cache-utilization-scorer\n- type: prefix-cache-scorer\n- type: no-hit-lru-scorer\n- type: active-request-scorer\n  parameters: {{idleThreshold: 1, maxBusyScore: 0.5}}\nschedulingProfiles:\n- name: default\n  plugins:\n  - {{pluginRef: queue-scorer, weight: 2}}\n  - {{pluginRef: kv-cache-utilization-scorer, weight: 2}}\n  - {{pluginRef: prefix-cache-scorer, weight: 3}}\n  - {{pluginRef: no-hit-lru-scorer, weight: 2}}\n  - {{pluginRef: active-request-scorer, weight: 1}}\n"
+    ))
+    .unwrap();
+    let n = names(&s);
+    // One prefix producer serves both the prefix scorer and the no-hit LRU; one in-flight
+    // producer serves the KV and active-request scorers.
+    assert_eq!(
+        n.iter().filter(|n| *n == "approx-prefix-cache-producer").count(),
+        1,
+        "{n:?}"
+    );
+    assert_eq!(
+        n.iter().filter(|n| *n == "inflight-load-producer").count(),
+        1,
+        "{n:?}"
+    );
+    let pre: Vec<&str> = s.control.pre_request.iter().map(|p| &*p.name).collect();
+    assert!(pre.contains(&"no-hit-lru-scorer"), "{pre:?}");
+    // The LRU's stamp and the in-flight counters ride on the endpoints.
+    assert_eq!(s.store_hooks.len(), 2);
+    let e = set_err(set(&format!(
+        "{HEAD}plugins:\n- type: no-hit-lru-scorer\n  parameters: {{prefixMatchInfoProducerName: nobody}}\n"
+    )));
+    assert!(e.contains("'nobody' is not a plugin producing it"), "{e}");
+}
+
 #[test]
 fn a_reference_to_a_default_type_adds_it() {
     for section in [
@@ -583,6 +613,22 @@ fn settings_that_would_not_act_are_refused() {
         (
             "- type: inflight-load-producer\n  parameters: {maxEstimatedOutputTokens: 10}\n- type: token-load-scorer\n",
             "maxEstimatedOutputTokens only acts with addEstimatedOutputTokens: true",
+        ),
+        (
+            "- type: no-hit-lru-scorer\n  parameters: {prefixPluginType: prefix-cache-scorer}\n",
+            "prefixPluginType is deprecated and was never read by llm-d-router v0.10",
+        ),
+        (
+            "- type: no-hit-lru-scorer\n  parameters: {lruSize: 0}\n",
+            "lruSize must be > 0",
+        ),
+        (
+            "- type: active-request-scorer\n  parameters: {requestTimeout: 2m}\n",
+            "requestTimeout is deprecated and ignored",
+        ),
+        (
+            "- type: active-request-scorer\n  parameters: {maxBusyScore: 2}\n",
+            "maxBusyScore must be in [0, 1], got 2",
         ),
         (
             "- type: prefix-cache-scorer\n  parameters: {matchLengthScaleTokens: 100}\n",

@@ -36,8 +36,10 @@ pub use self::defaults::DefaultsError;
 use self::inflight::InFlightProducer;
 use self::prefix::{PrefixCacheScorer, PrefixProducer};
 use self::saturation::{Concurrency, Utilization};
+use self::scheduling::active_request::ActiveRequestScorer;
 use self::scheduling::load::{KvCacheScorer, QueueScorer, RunningRequestsScorer};
 use self::scheduling::lora::LoraAffinityScorer;
+use self::scheduling::no_hit_lru::NoHitLruScorer;
 use self::scheduling::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use self::scheduling::profile_handler::SingleProfileHandler;
 use self::scheduling::test_filter::HeaderBasedTestingFilter;
@@ -62,6 +64,8 @@ pub const KNOWN_TYPES: &[&str] = &[
     "kv-cache-utilization-scorer",
     "running-requests-size-scorer",
     "token-load-scorer",
+    "active-request-scorer",
+    "no-hit-lru-scorer",
     "lora-affinity-scorer",
     "prefix-cache-scorer",
     "approx-prefix-cache-producer",
@@ -240,6 +244,8 @@ pub fn consumes(type_name: &str) -> &'static [Consumes] {
         "kv-cache-utilization-scorer" => KV_SCORER,
         "concurrency-detector" => CONCURRENCY,
         "token-load-scorer" => TOKEN_LOAD,
+        "active-request-scorer" => CONCURRENCY,
+        "no-hit-lru-scorer" => PREFIX_SCORER,
         "inflight-load-producer" => INFLIGHT,
         "precise-prefix-cache-producer" | "precise-prefix-cache-scorer" => PRECISE,
         _ => &[],
@@ -346,6 +352,22 @@ pub fn build(
                 .producer(DataKind::PrefixMatch)
                 .map(DataKey::<PrefixMatch>::named);
             h.scorer = Some(Arc::new(TokenLoadScorer::new(load, prefix, &p)));
+        }
+        "active-request-scorer" => {
+            let load = ctx
+                .producer(DataKind::InFlightLoad)
+                .ok_or_else(|| invalid("no inflight-load-producer to read"))?;
+            let s = ActiveRequestScorer::new(load, &params(parameters)?).map_err(invalid)?;
+            h.scorer = Some(Arc::new(s));
+        }
+        "no-hit-lru-scorer" => {
+            let prefix = ctx
+                .producer(DataKind::PrefixMatch)
+                .map(DataKey::<PrefixMatch>::named);
+            let s = Arc::new(NoHitLruScorer::new(ctx.name, prefix, &params(parameters)?).map_err(invalid)?);
+            h.scorer = Some(s.clone());
+            h.pre_request = Some(s.clone());
+            h.store_hook = Some(s);
         }
         "lora-affinity-scorer" => {
             no_params(parameters)?;
