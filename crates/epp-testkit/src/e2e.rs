@@ -352,6 +352,14 @@ pub struct Reply {
     pub status: u16,
     pub served_by: Option<String>,
     pub body: Vec<u8>,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Reply {
+    /// A response header's value, if present and text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
 }
 
 pub fn client() -> reqwest::Client {
@@ -382,11 +390,13 @@ pub async fn post(
         .headers()
         .get("x-vllm-sim-id")
         .map(|v| v.to_str().unwrap().to_owned());
+    let headers = r.headers().clone();
     let body = r.bytes().await.unwrap().to_vec();
     Reply {
         status,
         served_by,
         body,
+        headers,
     }
 }
 

@@ -308,6 +308,9 @@ pub async fn start_config(config: EppConfig, hooks: Hooks) -> Result<Running, Ap
     if let Some(fc) = flow_control {
         tracker.spawn(fc.run(cancel.clone()));
     }
+    for task in &plugins.background {
+        tracker.spawn(task.clone().run(cancel.clone()));
+    }
     tracker.spawn(follow_pool(
         store.clone(),
         plugins.endpoints_changed,

@@ -456,3 +456,84 @@ fn strip_ids(body: &[u8]) -> Vec<String> {
         })
         .collect()
 }
+
+/// A profile where the session scorer outweighs the queue: a session stays on its server
+/// while that server queues, and requests without a session avoid it.
+fn session_config(params: &str) -> String {
+    format!(
+        "--config-text=apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: session-affinity-scorer
+  parameters: {params}
+schedulingProfiles:
+- name: default
+  plugins:
+  - {{pluginRef: queue-scorer, weight: 1}}
+  - {{pluginRef: session-affinity-scorer, weight: 5}}
+"
+    )
+}
+
+#[tokio::test]
+async fn a_session_returns_to_its_server_by_token_or_by_id_through_envoy() {
+    use base64::Engine;
+    let _serial = SERIAL.lock().await;
+    let client = client();
+    for (params, session) in [
+        ("{}", None),
+        ("{strategy: session_id}", Some(("x-session-id", "conversation-1"))),
+    ] {
+        let sims = sims(3).await;
+        let addrs: Vec<_> = sims.iter().map(|s| s.addr).collect();
+        let epp = Epp::start(&addrs, &[&session_config(params), "--destination-limit=1"]).await;
+        let envoy = Envoy::start(Shape::AiGateway, epp.grpc_port, &addrs).await;
+        let url = envoy.url("/v1/chat/completions");
+        let first = post(
+            &client,
+            &url,
+            chat("hello", false),
+            &session.into_iter().collect::<Vec<_>>(),
+        )
+        .await;
+        assert_eq!(first.status, 200, "{params}");
+        let home = first.served_by.clone().unwrap();
+        let home_sim = sims.iter().find(|s| s.id == home).unwrap();
+        // The stateless strategy hands the client a token naming the server (in the pool's
+        // namespace, `default` here); the stateful one writes nothing back.
+        let token = first.header("x-session-token").map(str::to_owned);
+        match session {
+            None => {
+                let want =
+                    base64::engine::general_purpose::STANDARD.encode(format!("default/{}", home_sim.addr));
+                assert_eq!(token.as_deref(), Some(want.as_str()), "{params}");
+            }
+            Some(_) => assert_eq!(token, None, "{params}"),
+        }
+        let follow: Vec<(&str, &str)> = match (session, &token) {
+            (Some(h), _) => vec![h],
+            (None, Some(t)) => vec![("x-session-token", t.as_str())],
+            (None, None) => unreachable!(),
+        };
+        // The home server queues; the others are idle.
+        home_sim.set_load(8, 0.5);
+        let queues: Vec<u32> = sims.iter().map(|s| if s.id == home { 8 } else { 0 }).collect();
+        wait_scraped(&epp, &sims.iter().collect::<Vec<_>>(), &queues).await;
+        for i in 0..4 {
+            let r = post(&client, &url, chat(&format!("turn {i}"), false), &follow).await;
+            assert_eq!(r.status, 200);
+            assert_eq!(
+                r.served_by.as_deref(),
+                Some(home.as_str()),
+                "{params}: turn {i} left its server"
+            );
+        }
+        let r = post(&client, &url, chat("no session", false), &[]).await;
+        assert_ne!(
+            r.served_by.as_deref(),
+            Some(home.as_str()),
+            "{params}: a request without a session went to the queued server"
+        );
+    }
+}

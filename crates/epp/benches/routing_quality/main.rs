@@ -5,9 +5,12 @@
 //! * `epp-random`: Envoy + this EPP with `random-picker`;
 //! * `epp-default`: Envoy + this EPP with the seed ConfigMap's profile (queue, KV, prefix, weight 1);
 //! * `epp-v14`: Envoy + this EPP with the v1.4+ default weights (queue 2, KV 2, prefix 3);
+//! * `epp-baseline`: llm-d-router v0.10's "optimized baseline": the v1.4 weights plus
+//!   `no-hit-lru-scorer` (weight 2), which spreads prompts no server holds;
 //! * `sglang`: SGLang's router, policy `cache_aware`;
 //! * `epp-precise`: Envoy + this EPP with the v1.4 weights, the prefix scorer reading the
 //!   precise producer (the servers' KV events, the model's tokenizer in process);
+//! * `epp-precise-lru`: the same with `no-hit-lru-scorer` (weight 2), as `epp-baseline`;
 //! * `epp-precise-2`, `epp-v14-2`: the same two profiles with two EPP replicas behind one
 //!   Envoy (ext_proc streams balanced between them), which share nothing;
 //! * `vllm-router-kv-aware`: vLLM's own router (PyPI `vllm-router`), policy `kv_aware`, on the
@@ -27,8 +30,8 @@
 //! Results go to stdout (a Markdown table) and `<out>/results-<workload>[-seed<n>].json`.
 //!
 //! `cargo bench --bench routing_quality -- [--rates 5,10,20,30,40] [--duration 25]
-//!  [--strategies round-robin,epp-random,epp-default,epp-v14,sglang,epp-precise,epp-precise-2,epp-v14-2,
-//!  vllm-router-kv-aware]
+//!  [--strategies round-robin,epp-random,epp-default,epp-v14,epp-baseline,sglang,epp-precise,
+//!  epp-precise-lru,epp-precise-2,epp-v14-2,vllm-router-kv-aware]
 //!  [--workload shared_prefix|multi_turn|control] [--out target/routing-quality] [--sims 4]
 //!  [--reset-every <seconds>] [--seed 42] [--epp-arg=<flag> ...]`
 //!
@@ -65,21 +68,25 @@ enum Strategy {
     EppRandom,
     EppDefault,
     EppV14,
+    EppBaseline,
     Sglang,
     EppPrecise,
+    EppPreciseLru,
     EppPrecise2,
     EppV14x2,
     KvAware,
 }
 
 impl Strategy {
-    const ALL: [Strategy; 9] = [
+    const ALL: [Strategy; 11] = [
         Self::RoundRobin,
         Self::EppRandom,
         Self::EppDefault,
         Self::EppV14,
+        Self::EppBaseline,
         Self::Sglang,
         Self::EppPrecise,
+        Self::EppPreciseLru,
         Self::EppPrecise2,
         Self::EppV14x2,
         Self::KvAware,
@@ -91,8 +98,10 @@ impl Strategy {
             Self::EppRandom => "epp-random",
             Self::EppDefault => "epp-default",
             Self::EppV14 => "epp-v14",
+            Self::EppBaseline => "epp-baseline",
             Self::Sglang => "sglang",
             Self::EppPrecise => "epp-precise",
+            Self::EppPreciseLru => "epp-precise-lru",
             Self::EppPrecise2 => "epp-precise-2",
             Self::EppV14x2 => "epp-v14-2",
             Self::KvAware => "vllm-router-kv-aware",
@@ -101,7 +110,10 @@ impl Strategy {
 
     /// Whether the servers must publish KV events (and so tokenize).
     fn needs_events(self) -> bool {
-        matches!(self, Self::EppPrecise | Self::EppPrecise2 | Self::KvAware)
+        matches!(
+            self,
+            Self::EppPrecise | Self::EppPreciseLru | Self::EppPrecise2 | Self::KvAware
+        )
     }
 
     /// EPP replicas behind Envoy.
@@ -127,6 +139,32 @@ plugins:
 - type: random-picker
 ";
 
+/// The scorer `epp-baseline` and `epp-precise-lru` add, and its place in the profile.
+const NO_HIT_LRU: (&str, &str) = (
+    "- type: no-hit-lru-scorer\n",
+    "  - {pluginRef: no-hit-lru-scorer, weight: 2}\n",
+);
+
+/// llm-d-router v0.10's "optimized baseline" profile.
+fn baseline_config() -> String {
+    format!(
+        "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+{}schedulingProfiles:
+- name: default
+  plugins:
+  - {{pluginRef: queue-scorer, weight: 2}}
+  - {{pluginRef: kv-cache-utilization-scorer, weight: 2}}
+  - {{pluginRef: prefix-cache-scorer, weight: 3}}
+{}",
+        NO_HIT_LRU.0, NO_HIT_LRU.1
+    )
+}
+
 /// The KV-event ports every tokenizing server publishes on (each on its own address).
 #[derive(Debug, Clone, Copy)]
 struct EventPorts {
@@ -135,8 +173,10 @@ struct EventPorts {
 }
 
 /// The v1.4 weights with the prefix scorer reading the precise producer, subscribed to every
-/// server (replay on), speculative entries on (as llm-d's perf configuration).
-fn precise_config(ports: EventPorts) -> String {
+/// server (replay on), speculative entries on (as llm-d's perf configuration); with `lru`, the
+/// no-hit LRU scorer too.
+fn precise_config(ports: EventPorts, lru: bool) -> String {
+    let (plugin, entry) = if lru { NO_HIT_LRU } else { ("", "") };
     let tokenizer = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../fixtures/vllm-0.32-cpu/tokenization"
@@ -157,7 +197,7 @@ plugins:
   parameters: {{prefixMatchInfoProducerName: precise-prefix-cache-producer}}
 - type: queue-scorer
 - type: kv-cache-utilization-scorer
-dataLayer:
+{plugin}dataLayer:
   sources:
   - pluginRef: endpoint-notification-source
     extractors: [{{pluginRef: precise-prefix-cache-producer}}]
@@ -167,7 +207,7 @@ schedulingProfiles:
   - {{pluginRef: queue-scorer, weight: 2}}
   - {{pluginRef: kv-cache-utilization-scorer, weight: 2}}
   - {{pluginRef: prefix-cache-scorer, weight: 3}}
-",
+{entry}",
         ports.socket, ports.replay
     )
 }
@@ -303,9 +343,11 @@ async fn front(
         Strategy::EppRandom => vec![format!("--config-text={RANDOM_CONFIG}")],
         Strategy::EppDefault => vec!["--config-file".into(), seed.into()],
         Strategy::EppV14 | Strategy::EppV14x2 => vec![],
-        Strategy::EppPrecise | Strategy::EppPrecise2 => {
+        Strategy::EppBaseline => vec![format!("--config-text={}", baseline_config())],
+        Strategy::EppPrecise | Strategy::EppPrecise2 | Strategy::EppPreciseLru => {
             let ports = events.expect("a precise strategy runs on servers that publish events");
-            vec![format!("--config-text={}", precise_config(ports))]
+            let lru = strategy == Strategy::EppPreciseLru;
+            vec![format!("--config-text={}", precise_config(ports, lru))]
         }
         Strategy::KvAware => {
             let ports = events.expect("kv_aware runs on servers that publish events");

@@ -28,7 +28,7 @@ use super::{ConfigError, ConfigErrorKind, EndpointPickerConfig};
 use crate::datalayer::StoreHook;
 use crate::datalayer::collector::Sources;
 use crate::flowcontrol::config::FlowControlConfig;
-use crate::framework::plugin::{DataKind, Named, PluginMetrics, PluginRoles};
+use crate::framework::plugin::{Background, DataKind, Named, PluginMetrics, PluginRoles};
 use crate::framework::requestcontrol::{EndpointsChanged, SaturationDetector};
 use crate::framework::scheduling::{Filter, Picker, ProfileHandler};
 use crate::plugins::{self, BuildContext, Defaults, PluginError};
@@ -50,6 +50,8 @@ pub struct PluginSet {
     pub sources: Sources,
     /// Plugins keeping per-endpoint state in the snapshot.
     pub store_hooks: Vec<Arc<dyn StoreHook>>,
+    /// Plugins' own tasks, run from start-up until shutdown.
+    pub background: Vec<Arc<dyn Background>>,
     /// Plugin-owned metric families.
     pub metrics: PluginMetrics,
     /// The feature gates.
@@ -150,6 +152,7 @@ impl EndpointPickerConfig {
         };
         let mut endpoints_changed = Vec::new();
         let mut store_hooks: Vec<Arc<dyn StoreHook>> = Vec::new();
+        let mut background: Vec<Arc<dyn Background>> = Vec::new();
         for inst in &mut instances {
             let r = &inst.roles;
             if let Some(p) = &r.producer {
@@ -165,6 +168,9 @@ impl EndpointPickerConfig {
             }
             if let Some(h) = &r.store_hook {
                 store_hooks.push(h.clone());
+            }
+            if let Some(b) = &r.background {
+                background.push(b.clone());
             }
         }
         // Producers run in the order of what they produce: tokens, then prefix matches (read
@@ -196,6 +202,7 @@ impl EndpointPickerConfig {
             endpoints_changed,
             sources,
             store_hooks,
+            background,
             metrics,
             gates,
             flow_control,

@@ -97,6 +97,16 @@ pub trait PluginObserver: Send + Sync {
     fn cycle(&self, elapsed: Duration);
 }
 
+/// Work a plugin does on its own schedule, off the request path (a sweep of expired state).
+/// The EPP runs each as an owned task from start-up until `cancel` fires; it uses tokio time.
+pub trait Background: Send + Sync {
+    /// Runs until `cancel` fires.
+    fn run(
+        self: Arc<Self>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+}
+
 /// Every role a plugin instance plays. Each role points at the same object.
 #[derive(Clone, Default)]
 pub struct PluginRoles {
@@ -124,6 +134,8 @@ pub struct PluginRoles {
     pub extractor: Option<Arc<dyn Extractor>>,
     /// Store hook (per-endpoint state kept in the snapshot).
     pub store_hook: Option<Arc<dyn StoreHook>>,
+    /// Work of its own, run as an owned task until shutdown.
+    pub background: Option<Arc<dyn Background>>,
     /// Source of endpoint notifications (`endpoint-notification-source`).
     pub endpoint_source: bool,
     /// Extractor of endpoint notifications.
@@ -155,7 +167,7 @@ impl PluginRoles {
     /// The roles, for messages.
     pub fn role_names(&self) -> Vec<&'static str> {
         let mut r = Vec::new();
-        let roles: [(&'static str, bool); 18] = [
+        let roles: [(&'static str, bool); 19] = [
             ("filter", self.filter.is_some()),
             ("scorer", self.scorer.is_some()),
             ("picker", self.picker.is_some()),
@@ -168,6 +180,7 @@ impl PluginRoles {
             ("subscribing source", self.subscribing_source.is_some()),
             ("extractor", self.extractor.is_some()),
             ("store hook", self.store_hook.is_some()),
+            ("background task", self.background.is_some()),
             ("endpoint notification source", self.endpoint_source),
             ("endpoint extractor", self.endpoint_extractor.is_some()),
             ("parser", self.parser),

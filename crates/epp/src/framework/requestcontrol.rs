@@ -57,6 +57,7 @@ pub type AddedHeaders = Vec<(String, String)>;
 #[derive(Default)]
 pub struct PreRequestContext {
     headers: AddedHeaders,
+    response_headers: AddedHeaders,
     held: HeldSet,
 }
 
@@ -105,6 +106,7 @@ impl std::fmt::Debug for PreRequestContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PreRequestContext")
             .field("headers", &self.headers)
+            .field("response_headers", &self.response_headers)
             .field("held", &self.held.len())
             .finish()
     }
@@ -121,6 +123,23 @@ impl PreRequestContext {
             return;
         }
         self.headers.push((name, value.into()));
+    }
+
+    /// Adds a header to the response sent back to the client (a session token, say), at the
+    /// response's headers. Pseudo-headers and the framing headers (`content-length`,
+    /// `transfer-encoding`) are refused and logged.
+    pub fn set_response_header(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        let name = name.into().to_ascii_lowercase();
+        if name.starts_with(':') || name == "content-length" || name == "transfer-encoding" {
+            tracing::warn!(header = %name, "a pre-request plugin tried to set a framing response header; ignored");
+            return;
+        }
+        self.response_headers.push((name, value.into()));
+    }
+
+    /// The response headers added, in order.
+    pub fn response_headers(&self) -> &[(String, String)] {
+        &self.response_headers
     }
 
     /// Keeps `guard` until the request's response completes or its stream ends, whichever
@@ -140,9 +159,9 @@ impl PreRequestContext {
         &self.headers
     }
 
-    /// Splits into headers and held guards.
-    pub fn into_parts(self) -> (AddedHeaders, HeldSet) {
-        (self.headers, self.held)
+    /// Splits into request headers, response headers and held guards.
+    pub fn into_parts(self) -> (AddedHeaders, AddedHeaders, HeldSet) {
+        (self.headers, self.response_headers, self.held)
     }
 }
 

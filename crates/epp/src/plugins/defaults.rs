@@ -25,6 +25,7 @@ impl Defaults {
                 ..ExtractorDefaults::default()
             },
             utilization: Utilization::default(),
+            namespace: "default".into(),
         }
     }
 
@@ -83,6 +84,7 @@ impl Defaults {
             )?;
         }
         Ok(Self {
+            namespace: crate::config::resolve::namespace(cli, env),
             metrics_source: MetricsDefaults {
                 scheme: cli.model_server_metrics_scheme.clone(),
                 path: cli.model_server_metrics_path.clone(),

@@ -345,7 +345,7 @@ mod tests {
             (l.requests(), l.tokens())
         };
         assert_eq!((load(0), load(1)), ((2, 200), (1, 100)));
-        let (_, mut held) = ctx.into_parts();
+        let (_, _, mut held) = ctx.into_parts();
         held.response_started();
         assert_eq!((load(0), load(1)), ((2, 0), (0, 0)));
         held.clear();
@@ -378,7 +378,7 @@ mod tests {
         );
         let mut ctx = PreRequestContext::default();
         p.pre_request(&req, &state, &result(&snap.endpoints()[0], 0), &mut ctx);
-        let (_, mut held) = ctx.into_parts();
+        let (_, _, mut held) = ctx.into_parts();
         held.response_started();
         // With output estimation the tokens stay until the response completes.
         assert_eq!(snap.endpoints()[0].get(p.key()).unwrap().tokens(), 120);

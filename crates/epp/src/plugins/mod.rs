@@ -42,6 +42,7 @@ use self::scheduling::lora::LoraAffinityScorer;
 use self::scheduling::no_hit_lru::NoHitLruScorer;
 use self::scheduling::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use self::scheduling::profile_handler::SingleProfileHandler;
+use self::scheduling::session_affinity::SessionAffinityScorer;
 use self::scheduling::test_filter::HeaderBasedTestingFilter;
 use self::scheduling::token_load::{TokenLoadParams, TokenLoadScorer};
 
@@ -66,6 +67,7 @@ pub const KNOWN_TYPES: &[&str] = &[
     "token-load-scorer",
     "active-request-scorer",
     "no-hit-lru-scorer",
+    "session-affinity-scorer",
     "lora-affinity-scorer",
     "prefix-cache-scorer",
     "approx-prefix-cache-producer",
@@ -165,6 +167,9 @@ pub struct Defaults {
     /// Thresholds of a `utilization-detector` without parameters (the `SD_*` environment and
     /// the top-level `saturationDetector` thresholds).
     pub utilization: Utilization,
+    /// The pool's namespace (`--pool-namespace`, else `$NAMESPACE`, else `default`): the
+    /// namespace part of an endpoint's identity in session tokens.
+    pub namespace: String,
 }
 
 /// What a consumer needs from a producer.
@@ -368,6 +373,19 @@ pub fn build(
             h.scorer = Some(s.clone());
             h.pre_request = Some(s.clone());
             h.store_hook = Some(s);
+        }
+        "session-affinity-scorer" => {
+            let s = SessionAffinityScorer::new(ctx.name, &ctx.defaults.namespace, &params(parameters)?)
+                .map_err(invalid)?;
+            let s = Arc::new(s);
+            if let Some(b) = s.bindings() {
+                h.background = Some(b);
+            }
+            if s.produces_state() {
+                h.producer = Some(s.clone());
+            }
+            h.pre_request = Some(s.clone());
+            h.scorer = Some(s);
         }
         "lora-affinity-scorer" => {
             no_params(parameters)?;

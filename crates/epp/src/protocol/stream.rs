@@ -99,6 +99,8 @@ pub struct ExtProcStream {
     span: tracing::Span,
     /// What plugins hold for the request until its response is complete.
     held: HeldSet,
+    /// Headers plugins add to the response, sent with the response-headers answer.
+    response_headers: Vec<(String, String)>,
     /// A request waiting for dispatch.
     pending: Option<Pending>,
     /// The wait the director handed out, until the driver takes it.
@@ -131,6 +133,7 @@ impl ExtProcStream {
                 pick = tracing::field::Empty
             ),
             held: HeldSet::default(),
+            response_headers: Vec::new(),
             pending: None,
             waiting: None,
             lease: Lease::new(budget),
@@ -164,7 +167,8 @@ impl ExtProcStream {
             Some(Request::RequestTrailers(_)) => self.request_trailers(out),
             Some(Request::ResponseHeaders(h)) => {
                 self.response_headers(&h);
-                out.push(wire::response_headers_continue());
+                let added = std::mem::take(&mut self.response_headers);
+                out.push(wire::response_headers_set(&added));
                 Ok(Step::Continue)
             }
             Some(Request::ResponseBody(b)) => {
@@ -577,6 +581,7 @@ impl ExtProcStream {
         // The body is handed to the gateway: its bytes leave this stream's share.
         self.lease.release();
         self.held = std::mem::take(&mut decision.held);
+        self.response_headers = std::mem::take(&mut decision.response_headers);
         self.record.destinations = Some(decision.destinations.clone());
         self.record.primary = Some(decision.primary.clone());
         self.span.record("model", decision.target_model.as_str());

@@ -119,8 +119,20 @@ pub fn response_body_chunk(body: Vec<u8>, end_of_stream: bool) -> ProcessingResp
 
 /// Response-headers answer that changes nothing.
 pub fn response_headers_continue() -> ProcessingResponse {
+    response_headers_set(&[])
+}
+
+/// Response-headers answer setting `headers` (overwriting a value the server sent).
+pub fn response_headers_set(headers: &[(String, String)]) -> ProcessingResponse {
+    let header_mutation = (!headers.is_empty()).then(|| HeaderMutation {
+        set_headers: headers.iter().map(|(k, v)| set_header(k, v.as_bytes())).collect(),
+        remove_headers: Vec::new(),
+    });
     message(Response::ResponseHeaders(HeadersResponse {
-        response: Some(CommonResponse::default()),
+        response: Some(CommonResponse {
+            header_mutation,
+            ..CommonResponse::default()
+        }),
     }))
 }
 

@@ -187,6 +187,8 @@ pub struct Decision {
     pub result: Option<SchedulingResult>,
     /// Request headers pre-request plugins add.
     pub headers: Vec<(String, String)>,
+    /// Response headers pre-request plugins add (set when the response's headers pass).
+    pub response_headers: Vec<(String, String)>,
     /// The body to forward when it had to change (model rewrite); `None` forwards it as is.
     pub body: Option<Vec<u8>>,
     /// The body's model (empty for bodyless requests).
@@ -214,6 +216,9 @@ impl std::fmt::Debug for Decision {
 }
 
 /// What [`Director::route`] gives.
+// Returned once per request and taken apart at once: boxing the decision would cost an
+// allocation on every routed request to save a move of a few hundred bytes.
+#[allow(clippy::large_enum_variant)]
 pub enum Routing {
     /// Routed now.
     Ready(Decision),
@@ -423,6 +428,7 @@ impl Director {
             primary: chosen.endpoint.clone(),
             result: None,
             headers: Vec::new(),
+            response_headers: Vec::new(),
             body: None,
             model: String::new(),
             target_model: String::new(),
@@ -555,7 +561,7 @@ impl Director {
         for p in &self.control.pre_request {
             p.timed(|p| p.pre_request(&req, &state, &result, &mut ctx));
         }
-        let (headers, held) = ctx.into_parts();
+        let (headers, response_headers, held) = ctx.into_parts();
         let body = (target_model != parsed.model)
             .then(|| rewrite_model(body, parsed.model_span.clone(), target_model));
         Ok(Decision {
@@ -563,6 +569,7 @@ impl Director {
             primary,
             result: Some(result),
             headers,
+            response_headers,
             body,
             model: parsed.model.to_string(),
             target_model: target_model.to_owned(),
