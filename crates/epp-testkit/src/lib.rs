@@ -59,6 +59,33 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `n` distinct port numbers free a moment ago on every address in `ips`, for servers that
+/// listen on one port per address (KV-event publishers, one per simulated pod). They are drawn
+/// below Linux's ephemeral range (32768–60999), where outgoing connections take their source
+/// ports, so that one of those does not take a port between this probe and the bind.
+pub fn free_ports_on(ips: &[std::net::IpAddr], n: usize) -> Vec<u16> {
+    // A different start per process and call, walked deterministically from there.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let start = std::process::id()
+        .wrapping_mul(7919)
+        .wrapping_add(call.wrapping_mul(104_729));
+    let ports: Vec<u16> = (0..12_000u32)
+        .map(|i| 20_000 + (start.wrapping_add(i) % 12_000) as u16)
+        .filter(|port| {
+            ips.iter()
+                .all(|ip| std::net::TcpListener::bind((*ip, *port)).is_ok())
+        })
+        .take(n)
+        .collect();
+    assert_eq!(
+        ports.len(),
+        n,
+        "not {n} free ports in 20000-31999 on every address"
+    );
+    ports
+}
+
 /// The Envoy binary: `$ENVOY_BIN`, else the project's `.venv`. Missing Envoy fails the test:
 /// `scripts/ensure-envoy` installs it.
 pub fn envoy_bin() -> PathBuf {

@@ -206,7 +206,7 @@ mod e2e {
     use endpoint_picker::config::cli::parse_args;
     use epp_testkit::e2e::Sim;
     use epp_testkit::extproc::{chat_on, destination, open};
-    use epp_testkit::free_port;
+    use epp_testkit::free_ports_on;
     use vllm_sim::kvevents::PublisherConfig;
 
     use super::TOKENIZER;
@@ -219,7 +219,11 @@ mod e2e {
 
     /// `n` sims on 127.0.0.2.. (one IP each, as pods have), publishing on one port number.
     async fn pool(n: usize) -> Pool {
-        let (socket_port, replay_port) = (free_port(), free_port());
+        let ips: Vec<std::net::IpAddr> = (0..n)
+            .map(|i| format!("127.0.0.{}", i + 2).parse().unwrap())
+            .collect();
+        let ports = free_ports_on(&ips, 2);
+        let (socket_port, replay_port) = (ports[0], ports[1]);
         let mut sims = Vec::new();
         for i in 0..n {
             let ip = format!("127.0.0.{}", i + 2);

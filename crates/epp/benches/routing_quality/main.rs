@@ -673,14 +673,16 @@ async fn main() {
         "| strategy | rate | ok/sent | TTFT p50 | TTFT p90 | TTFT p99 | E2E p50 | E2E p90 | out tok/s | hit rate | moved | spread |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-    let events = opts
-        .strategies
-        .iter()
-        .any(|s| s.needs_events())
-        .then(|| EventPorts {
-            socket: epp_testkit::free_port(),
-            replay: epp_testkit::free_port(),
-        });
+    let events = opts.strategies.iter().any(|s| s.needs_events()).then(|| {
+        let ips: Vec<std::net::IpAddr> = (0..opts.sims)
+            .map(|i| format!("127.0.0.{}", 10 + i).parse().unwrap())
+            .collect();
+        let ports = epp_testkit::free_ports_on(&ips, 2);
+        EventPorts {
+            socket: ports[0],
+            replay: ports[1],
+        }
+    });
     for strategy in &opts.strategies {
         let mut sims = Vec::new();
         for i in 0..opts.sims {
