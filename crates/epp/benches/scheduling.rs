@@ -1,6 +1,6 @@
 //! A full scheduling cycle as the request path runs it: parse the body, load the snapshot,
 //! run the profile (queue + KV + prefix scorers, max-score picker), record the pick in the
-//! prefix index. Pools of 8 and 256 endpoints; chat bodies of 1 KB and 200 KB.
+//! prefix index. Pools of 8, 256 and 1,024 endpoints; chat bodies of 1 KB and 200 KB.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -55,7 +55,7 @@ fn bodies(size: usize) -> Vec<Vec<u8>> {
 
 fn cycle(c: &mut Criterion) {
     let mut group = c.benchmark_group("scheduling_cycle");
-    for endpoints in [8usize, 256] {
+    for endpoints in [8usize, 256, 1024] {
         for size in [1_000usize, 200_000] {
             let director = director(endpoints);
             let bodies = bodies(size);

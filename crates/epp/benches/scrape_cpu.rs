@@ -1,7 +1,8 @@
-//! EPP CPU and memory while scraping 100 model servers every 50 ms (the reference's default
-//! interval), measured on the real `epp` binary from /proc.
+//! EPP CPU and memory while scraping 100 (or `--endpoints N`) model servers every 50 ms (the
+//! reference's default interval), measured on the real `epp` binary from /proc.
 //!
-//! `cargo bench --bench scrape_cpu [-- --filtered]` — 100 in-process servers on 127.0.0.1
+//! `cargo bench --bench scrape_cpu [-- --filtered] [--endpoints 1000]` — in-process servers on
+//! 127.0.0.1
 //! answer `/metrics` with a page captured from vLLM 0.32 under load (54 KB); with
 //! `--filtered` they honour `?name[]=` as vLLM's Python Prometheus client does and send only
 //! the requested series. The EPP runs as a child process with a static pool of them. After a
@@ -72,10 +73,16 @@ fn page_for(query: Option<&str>, honour_filter: bool) -> String {
 
 #[tokio::main]
 async fn main() {
-    let honour_filter = std::env::args().any(|a| a == "--filtered");
+    let args: Vec<String> = std::env::args().collect();
+    let honour_filter = args.iter().any(|a| a == "--filtered");
+    let endpoints = args
+        .iter()
+        .position(|a| a == "--endpoints")
+        .and_then(|i| args.get(i + 1))
+        .map_or(ENDPOINTS, |n| n.parse().expect("--endpoints takes a number"));
     let scrapes = Arc::new(AtomicU64::new(0));
     let mut addrs = Vec::new();
-    for _ in 0..ENDPOINTS {
+    for _ in 0..endpoints {
         let counter = scrapes.clone();
         let app = Router::new().route(
             "/metrics",
@@ -119,7 +126,7 @@ async fn main() {
     let secs = elapsed.as_secs_f64();
     let served = page_for(Some("name[]=vllm:num_requests_waiting&name[]=vllm:num_requests_running&name[]=vllm:kv_cache_usage_perc&name[]=vllm:cache_config_info&name[]=vllm:lora_requests_info"), honour_filter).len();
     println!(
-        "scrape_cpu endpoints={ENDPOINTS} interval=50ms servers_honour_name_filter={honour_filter} page_bytes={served} scrapes_per_s={:.0} epp_cores={:.3} epp_rss_mib={:.1}",
+        "scrape_cpu endpoints={endpoints} interval=50ms servers_honour_name_filter={honour_filter} page_bytes={served} scrapes_per_s={:.0} epp_cores={:.3} epp_rss_mib={:.1}",
         (n1 - n0) as f64 / secs,
         (cpu1 - cpu0) / secs,
         rss
