@@ -157,11 +157,11 @@ impl EndpointPickerConfig {
             let r = &inst.roles;
             if let Some(p) = &r.producer {
                 control.producers.push(inst.named(p));
-                inst.used = true;
+                inst.used |= !r.serves_scorer;
             }
             if let Some(p) = &r.pre_request {
                 control.pre_request.push(inst.named(p));
-                inst.used = true;
+                inst.used |= !r.serves_scorer;
             }
             if let Some(p) = &r.endpoints_changed {
                 endpoints_changed.push(inst.named(p));
@@ -189,6 +189,23 @@ impl EndpointPickerConfig {
             }
         };
         control.producers.sort_by_key(|p| rank(&p.name));
+        let profiles: Vec<&str> = scheduler.profiles().iter().map(|p| &*p.name).collect();
+        for inst in &instances {
+            if let Some((param, p)) = inst
+                .roles
+                .profile_refs
+                .iter()
+                .find(|(_, p)| !profiles.contains(&p.as_str()))
+            {
+                return Err(self.error(ConfigErrorKind::Unsupported {
+                    field: format!("plugins[{}].parameters.{param}", inst.name),
+                    why: format!(
+                        "names profile '{p}', which is not among schedulingProfiles ({})",
+                        profiles.join(", ")
+                    ),
+                }));
+            }
+        }
         if let Some(idle) = instances.iter().find(|i| !i.used) {
             return Err(self.error(ConfigErrorKind::Unused {
                 name: idle.name.to_string(),

@@ -525,6 +525,21 @@ fn the_v010_optimized_baseline_loads_with_its_producers() {
         "{HEAD}plugins:\n- type: no-hit-lru-scorer\n  parameters: {{prefixMatchInfoProducerName: nobody}}\n"
     )));
     assert!(e.contains("'nobody' is not a plugin producing it"), "{e}");
+    // Declared but in no profile: its recording would serve nothing.
+    for t in ["no-hit-lru-scorer", "session-affinity-scorer"] {
+        let e = set_err(set(&format!(
+            "{HEAD}plugins:\n- type: queue-scorer\n- type: {t}\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n"
+        )));
+        assert!(e.contains(t) && e.contains("takes no part"), "{e}");
+    }
+    // A session scorer pinning a profile that does not exist.
+    let e = set_err(set(&format!(
+        "{HEAD}plugins:\n- type: session-affinity-scorer\n  parameters: {{profileName: prefil}}\n"
+    )));
+    assert!(
+        e.contains("names profile 'prefil', which is not among schedulingProfiles (default)"),
+        "{e}"
+    );
 }
 
 #[test]

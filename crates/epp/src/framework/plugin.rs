@@ -150,6 +150,12 @@ pub struct PluginRoles {
     pub usage_limit: Option<Arc<dyn UsageLimitPolicy>>,
     /// The data kinds the plugin produces for others ([`DataKind`]).
     pub produces: Vec<DataKind>,
+    /// Its other roles only serve its scorer (a no-hit LRU's recording, a session scorer's
+    /// bindings): it counts as used only when a profile lists it.
+    pub serves_scorer: bool,
+    /// Scheduling profiles a parameter names, as `(parameter, profile)`: the configuration
+    /// builder refuses a name that is not among `schedulingProfiles`.
+    pub profile_refs: Vec<(&'static str, String)>,
 }
 
 impl std::fmt::Debug for PluginRoles {

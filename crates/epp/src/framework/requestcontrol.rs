@@ -53,6 +53,17 @@ pub type Held = Box<dyn Hold>;
 /// Request headers to add, as `(name, value)`.
 pub type AddedHeaders = Vec<(String, String)>;
 
+/// Whether a plugin may set the response header `name` (lowercase): a valid header name that
+/// is not a pseudo-header, a framing header (`content-length`, `transfer-encoding`) or one the
+/// protocol owns (the destination, the drop reason; see `request::keys::is_system_owned`).
+/// Plugins check configured names with it at start-up.
+pub fn settable_response_header(name: &str) -> bool {
+    http::HeaderName::from_bytes(name.as_bytes()).is_ok()
+        && name.bytes().all(|b| !b.is_ascii_uppercase())
+        && name != "transfer-encoding"
+        && !crate::request::keys::is_system_owned(name)
+}
+
 /// What pre-request plugins hand back to the director.
 #[derive(Default)]
 pub struct PreRequestContext {
@@ -126,15 +137,16 @@ impl PreRequestContext {
     }
 
     /// Adds a header to the response sent back to the client (a session token, say), at the
-    /// response's headers. Pseudo-headers and the framing headers (`content-length`,
-    /// `transfer-encoding`) are refused and logged.
+    /// response's headers. Names [`settable_response_header`] refuses, and values that are
+    /// not valid header values, are dropped and logged.
     pub fn set_response_header(&mut self, name: impl Into<String>, value: impl Into<String>) {
         let name = name.into().to_ascii_lowercase();
-        if name.starts_with(':') || name == "content-length" || name == "transfer-encoding" {
-            tracing::warn!(header = %name, "a pre-request plugin tried to set a framing response header; ignored");
+        let value = value.into();
+        if !settable_response_header(&name) || http::HeaderValue::from_str(&value).is_err() {
+            tracing::warn!(header = %name, "a pre-request plugin tried to set a response header it may not set, or an invalid value; ignored");
             return;
         }
-        self.response_headers.push((name, value.into()));
+        self.response_headers.push((name, value));
     }
 
     /// The response headers added, in order.

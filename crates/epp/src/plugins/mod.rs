@@ -373,6 +373,7 @@ pub fn build(
             h.scorer = Some(s.clone());
             h.pre_request = Some(s.clone());
             h.store_hook = Some(s);
+            h.serves_scorer = true;
         }
         "session-affinity-scorer" => {
             let s = SessionAffinityScorer::new(ctx.name, &ctx.defaults.namespace, &params(parameters)?)
@@ -384,6 +385,10 @@ pub fn build(
             if s.produces_state() {
                 h.producer = Some(s.clone());
             }
+            if let Some(p) = s.profile() {
+                h.profile_refs.push(("profileName", p.to_owned()));
+            }
+            h.serves_scorer = true;
             h.pre_request = Some(s.clone());
             h.scorer = Some(s);
         }

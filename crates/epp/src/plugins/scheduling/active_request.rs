@@ -92,10 +92,16 @@ impl Scorer for ActiveRequestScorer {
         candidates: &[Candidate<'_>],
         scores: &mut [f64],
     ) {
-        let count = |c: &Candidate<'_>| c.get(self.load).map_or(0, InFlightLoad::requests);
-        let max = candidates.iter().map(count).max().unwrap_or(0);
+        // Each live counter is read once: requests routed meanwhile must not make a count
+        // exceed the maximum it is scaled by.
+        let mut max = 0;
         for (s, c) in scores.iter_mut().zip(candidates) {
-            let n = count(c);
+            let n = c.get(self.load).map_or(0, InFlightLoad::requests);
+            max = max.max(n);
+            *s = n as f64;
+        }
+        for s in scores.iter_mut() {
+            let n = *s as i64;
             *s = if n <= self.idle {
                 1.0
             } else {

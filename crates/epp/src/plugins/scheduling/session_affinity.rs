@@ -18,18 +18,26 @@
 //! primary one; a request that did not run the profile pins nothing.
 //!
 //! Parameters (unknown ones are refused): `strategy`, `encodedEndpointHeaderConfig {header}`,
-//! `sessionIdConfig {sources [{header}], evictionTtlSeconds (300), evictionSweepSeconds (10),
-//! maxSessions (100,000)}`, `profileName`. Beyond v0.10, on purpose:
+//! `sessionIdConfig {sources [{header}], evictionTtlSeconds (300; 0 is the default, as v0.10),
+//! evictionSweepSeconds (10; likewise), maxSessions (100,000)}`, `profileName`. Beyond v0.10,
+//! on purpose:
 //! * the configuration of the strategy not chosen is refused (v0.10 ignores it);
+//! * a `profileName` that names no scheduling profile is refused (v0.10 then pins nothing);
+//! * a token header that is not a valid header name, or one the protocol owns (pseudo-headers,
+//!   `content-length`, the destination and drop-reason headers), is refused;
+//! * durations under 1 ms are refused (a zero sweep period cannot tick);
 //! * `attribute` sources (request attributes a v0.10 plugin publishes) are refused: no plugin
 //!   here publishes them;
 //! * `maxSessions` (ours) bounds the bindings, since clients choose the identifiers: a new
 //!   session beyond it is not bound (its requests are placed by the other scorers) until
-//!   sweeps make room. Identifiers are kept as 64-bit hashes, so their length costs nothing.
+//!   sweeps make room. Identifiers are kept as 64-bit hashes seeded per process (a client cannot
+//!   build an identifier that lands on another's binding), so their length costs nothing.
+//!
+//! The scorer acts only when a profile lists it: its other roles serve the scorer.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
@@ -113,9 +121,12 @@ pub enum SessionAffinityParamError {
         "sessionIdConfig.sources[{0}]: only header sources are supported (no plugin here publishes request attributes), and a source needs a header"
     )]
     Source(usize),
-    /// A non-positive or non-finite duration.
-    #[error("sessionIdConfig.{0} must be a number of seconds > 0, got {1}")]
+    /// A negative, non-finite, too small or too large duration.
+    #[error("sessionIdConfig.{0} must be a number of seconds from 0.001 (0 is the default), got {1}")]
     Seconds(&'static str, f64),
+    /// A header name that is invalid or that the protocol owns.
+    #[error("encodedEndpointHeaderConfig.header {0:?} is not a header this plugin may set")]
+    Header(String),
     /// A non-positive bound.
     #[error("sessionIdConfig.maxSessions must be > 0, got {0}")]
     MaxSessions(i64),
@@ -151,6 +162,10 @@ pub struct Bindings {
     sweep: Duration,
     max: usize,
     map: DashMap<u64, Binding>,
+    /// Bindings held (the map's length without locking every shard).
+    count: AtomicUsize,
+    /// Seed of the identifiers' hashes.
+    seed: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -188,9 +203,11 @@ impl SessionAffinityScorer {
                     .encoded_endpoint_header_config
                     .as_ref()
                     .and_then(|c| c.header.as_deref());
-                Mode::Encoded {
-                    header: header_name(header, DEFAULT_TOKEN_HEADER),
+                let header = header_name(header, DEFAULT_TOKEN_HEADER);
+                if !crate::framework::requestcontrol::settable_response_header(&header) {
+                    return Err(SessionAffinityParamError::Header(header));
                 }
+                Mode::Encoded { header }
             }
             "session_id" => {
                 if params.encoded_endpoint_header_config.is_some() {
@@ -209,6 +226,11 @@ impl SessionAffinityScorer {
             profile: params.profile_name.clone().filter(|p| !p.is_empty()),
             mode,
         })
+    }
+
+    /// The scheduling profile whose endpoint this instance pins, when not the primary one.
+    pub fn profile(&self) -> Option<&str> {
+        self.profile.as_deref()
     }
 
     /// The bindings to sweep, for the `session_id` strategy.
@@ -258,13 +280,13 @@ impl Bindings {
                 })
                 .collect::<Result<_, _>>()?,
         };
+        // 0 (or unset) is the default, as v0.10's ApplyDefaults.
         let seconds = |v: Option<f64>, default: f64, name| {
-            let v = v.unwrap_or(default);
-            if v.is_finite() && v > 0.0 {
-                Ok(Duration::from_secs_f64(v))
-            } else {
-                Err(SessionAffinityParamError::Seconds(name, v))
-            }
+            let v = v.filter(|v| *v != 0.0).unwrap_or(default);
+            Duration::try_from_secs_f64(v)
+                .ok()
+                .filter(|d| *d >= Duration::from_millis(1))
+                .ok_or(SessionAffinityParamError::Seconds(name, v))
         };
         let max = c.max_sessions.unwrap_or(100_000);
         if max <= 0 {
@@ -276,6 +298,8 @@ impl Bindings {
             sweep: seconds(c.eviction_sweep_seconds, 10.0, "evictionSweepSeconds")?,
             max: usize::try_from(max).unwrap_or(usize::MAX),
             map: DashMap::new(),
+            count: AtomicUsize::new(0),
+            seed: rand::random(),
         })
     }
 
@@ -286,23 +310,35 @@ impl Bindings {
             .filter_map(|h| req.headers.get(h))
             .map(str::trim)
             .find(|v| !v.is_empty())
-            .map(|v| xxhash_rust::xxh3::xxh3_64(v.as_bytes()))
+            .map(|v| xxhash_rust::xxh3::xxh3_64_with_seed(v.as_bytes(), self.seed))
     }
 
     /// Sessions bound now.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.count.load(Ordering::Relaxed)
     }
 
     /// Whether no session is bound.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
     }
 
-    /// Drops the bindings unused for longer than the TTL.
+    /// Drops the bindings unused for longer than the TTL. The scan takes each shard's read
+    /// lock in turn; each removal one shard's write lock, briefly, so that requests binding
+    /// sessions meanwhile wait for one entry at most.
     fn sweep_once(&self, now: Instant) {
-        self.map
-            .retain(|_, b| now.saturating_duration_since(b.last_seen) <= self.ttl);
+        let expired = |b: &Binding| now.saturating_duration_since(b.last_seen) > self.ttl;
+        let old: Vec<u64> = self
+            .map
+            .iter()
+            .filter(|e| expired(e.value()))
+            .map(|e| *e.key())
+            .collect();
+        for id in old {
+            if self.map.remove_if(&id, |_, b| expired(b)).is_some() {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Binds, refreshes or moves `session` after a decision for `picked`.
@@ -321,8 +357,11 @@ impl Bindings {
                 }
             }
             None => {
-                if self.map.len() < self.max {
-                    self.map.entry(s.id).or_insert_with(fresh);
+                if self.len() < self.max
+                    && let dashmap::Entry::Vacant(v) = self.map.entry(s.id)
+                {
+                    v.insert(fresh());
+                    self.count.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }

@@ -207,11 +207,15 @@ async fn unused_bindings_are_swept_after_their_ttl() {
     );
     cycle(&s, &old, &eps, &[("default", 0)], &eps);
     cycle(&s, &kept, &eps, &[("default", 1)], &eps);
-    for _ in 0..7 {
+    for _ in 0..6 {
         tokio::time::sleep(Duration::from_secs(10)).await;
         // Used every 10 s: never expires.
         cycle(&s, &kept, &eps, &[("default", 1)], &eps);
     }
+    // At 60 s the idle one is not older than its TTL yet: both are kept.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(b.len(), 2);
+    tokio::time::sleep(Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(b.len(), 1, "the idle session is gone after TTL + one sweep");
     let (out, _) = cycle(&s, &kept, &eps, &[("default", 1)], &eps);
@@ -251,13 +255,61 @@ fn unusable_parameters_are_refused() {
         })),
         SessionAffinityParamError::Source(0)
     );
-    assert_eq!(
-        err(with(SessionIdConfig {
+    for (v, name) in [
+        (-1.0, "evictionTtlSeconds"),
+        (1e30, "evictionTtlSeconds"),
+        (f64::NAN, "evictionTtlSeconds"),
+        (1e-12, "evictionSweepSeconds"),
+    ] {
+        let c = if name == "evictionTtlSeconds" {
+            SessionIdConfig {
+                eviction_ttl_seconds: Some(v),
+                ..SessionIdConfig::default()
+            }
+        } else {
+            SessionIdConfig {
+                eviction_sweep_seconds: Some(v),
+                ..SessionIdConfig::default()
+            }
+        };
+        match err(with(c)) {
+            SessionAffinityParamError::Seconds(n, _) => assert_eq!(n, name, "{v}"),
+            other => panic!("{v}: {other:?}"),
+        }
+    }
+    // 0 is the default, as v0.10 reads it.
+    let zero = SessionAffinityScorer::new(
+        "x",
+        "ns",
+        &with(SessionIdConfig {
             eviction_ttl_seconds: Some(0.0),
+            eviction_sweep_seconds: Some(0.0),
             ..SessionIdConfig::default()
-        })),
-        SessionAffinityParamError::Seconds("evictionTtlSeconds", 0.0)
+        }),
+    )
+    .unwrap();
+    let b = zero.bindings().unwrap();
+    assert_eq!(
+        (b.ttl, b.sweep),
+        (Duration::from_secs(300), Duration::from_secs(10))
     );
+    for bad in [
+        "content-length",
+        ":status",
+        "x-gateway-destination-endpoint",
+        "x session",
+        "x-llm-d-request-dropped-reason",
+    ] {
+        assert_eq!(
+            err(SessionAffinityParams {
+                encoded_endpoint_header_config: Some(EncodedHeaderConfig {
+                    header: Some(bad.into()),
+                }),
+                ..SessionAffinityParams::default()
+            }),
+            SessionAffinityParamError::Header(bad.into())
+        );
+    }
     assert_eq!(
         err(with(SessionIdConfig {
             max_sessions: Some(0),
@@ -265,4 +317,29 @@ fn unusable_parameters_are_refused() {
         })),
         SessionAffinityParamError::MaxSessions(0)
     );
+}
+
+#[test]
+fn a_session_moved_by_another_request_meanwhile_is_not_moved_back() {
+    let s = scorer(session_id());
+    let eps = states(&[(0, 0.0), (0, 0.0), (0, 0.0)]);
+    let h = headers(&[("x-session-id", "chat-7")]);
+    cycle(&s, &h, &eps, &[("default", 0)], &eps);
+    // Request A sees the session bound to 0, which is filtered out of its candidates.
+    let req = SchedulingRequest::new("a", "m", b"", None, &h);
+    let mut a = CycleState::default();
+    let c = candidates(&eps[1..]);
+    s.prepare(&req, &c, &mut a);
+    s.score(&req, &a, &c, &mut [0.0; 2]);
+    // Meanwhile request B, under the same conditions, moves the session to 1.
+    cycle(&s, &h, &eps[1..], &[("default", 1)], &eps);
+    // A's decision (2) does not undo B's move.
+    s.pre_request(
+        &req,
+        &a,
+        &result(&eps, &[("default", 2)]),
+        &mut PreRequestContext::default(),
+    );
+    let (out, _) = cycle(&s, &h, &eps, &[("default", 1)], &eps);
+    assert_eq!(out, vec![0.0, 1.0, 0.0]);
 }
