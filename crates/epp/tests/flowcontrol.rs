@@ -247,7 +247,9 @@ async fn without_the_gate_a_saturated_pool_routes_at_once() {
 /// Two `vllm-sim` servers with one running slot each behind a real Envoy, a burst of critical
 /// and sheddable requests from two tenants at once: the requests wait in the picker, not at
 /// the servers; every critical request is served; the sheddable band holds two and refuses
-/// the rest with the reference's status and reason; the queue metrics saw the waits.
+/// the rest with the reference's status and reason; the queue metrics saw the waits. The
+/// detector gates admission only: also listed as a filter in the profile, a request let through
+/// can meet a full pool when scheduled (a known race, see docs/plugins.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_vllm_sim_pool_behind_envoy_answers_every_request() {
     use epp_testkit::e2e::{Envoy, Shape, Sim};
@@ -272,7 +274,7 @@ flowControl:
   defaultNegativePriorityBand: {maxRequests: 2}
 schedulingProfiles:
 - name: default
-  plugins: [{pluginRef: slots}, {pluginRef: queue-scorer}]
+  plugins: [{pluginRef: queue-scorer}]
 ";
     let epp = start_live(config, &pool, &[]).await;
     epp.objectives.replace(

@@ -202,10 +202,12 @@ impl Inner {
             let Some((_, _, entry)) = queues.pop(saturation) else {
                 break;
             };
+            // Counted before the queue may read empty: the fast path, which admits only when
+            // nothing is queued, must already see this request.
+            self.unscheduled.fetch_add(1, Ordering::AcqRel);
             self.queued.store(queues.len(), Ordering::Release);
             let w = entry.value;
             self.metrics.left(&w.labels, entry.bytes);
-            self.unscheduled.fetch_add(1, Ordering::AcqRel);
             if w.tx.send(Ok(())).is_ok() {
                 recent.push_back(now);
                 self.metrics.finished(
@@ -410,7 +412,18 @@ impl Dispatcher for FlowController {
         if inner.queued.load(Ordering::Acquire) == 0
             && let Some(band) = priorities.iter().position(|p| *p == req.priority)
         {
-            let saturation = inner.detector.timed(|d| d.saturation(req.pool, now));
+            // Requests let through but not yet scheduled are not in the figures: without them
+            // two newcomers (or a newcomer and a request the dispatcher just released) could
+            // take one free slot, and the second would find every endpoint full. This one
+            // reserves its place first, so that concurrent ones count each other.
+            let others = inner.unscheduled.fetch_add(1, Ordering::AcqRel);
+            let unseen = Unseen {
+                unscheduled: others,
+                dispatched_at: &[],
+            };
+            let saturation = inner
+                .detector
+                .timed(|d| d.saturation_with(req.pool, now, &unseen));
             let mut ceilings: SmallVec<[f64; 8]> = SmallVec::from_elem(1.0, priorities.len());
             inner
                 .cfg
@@ -423,8 +436,13 @@ impl Dispatcher for FlowController {
                     .finished(&inner.labels(req), Outcome::Dispatched, Duration::ZERO);
                 return Admit::Now;
             }
+            inner.unscheduled.fetch_sub(1, Ordering::AcqRel);
         }
         inner.enqueue(req, now)
+    }
+
+    fn scheduled(&self) {
+        self.inner.unscheduled.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

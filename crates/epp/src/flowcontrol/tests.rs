@@ -127,7 +127,18 @@ fn rig_with(
 }
 
 impl Rig {
+    /// Asks admission; a request admitted at once is handed back as scheduled, as the
+    /// director does right after scheduling it.
     fn ask(&self, id: &str, priority: i32, fairness: &str) -> Admit {
+        let admit = self.ask_unscheduled(id, priority, fairness);
+        if matches!(admit, Admit::Now) {
+            self.fc.scheduled();
+        }
+        admit
+    }
+
+    /// Asks admission and leaves a request admitted at once not yet scheduled.
+    fn ask_unscheduled(&self, id: &str, priority: i32, fairness: &str) -> Admit {
         let snapshot = self.store.load();
         let pool = candidates(snapshot.endpoints());
         self.fc.dispatch(&DispatchRequest {
@@ -187,6 +198,26 @@ async fn settle(rig: &Rig, waits: &mut Vec<(String, Wait)>) -> Vec<(String, Resu
         }
     }
     done
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_newcomer_counts_the_requests_admitted_but_not_yet_scheduled() {
+    let rig = rig(2, 100, None, false);
+    rig.slots.busy.store(1, Ordering::SeqCst);
+    // One slot left: the first takes it, and until it is scheduled a second one waits.
+    assert!(matches!(rig.ask_unscheduled("a", 0, "t"), Admit::Now));
+    let b = rig.ask_unscheduled("b", 0, "t");
+    assert!(matches!(b, Admit::Wait(_)));
+    assert_eq!(rig.fc.queued(), 1);
+    // Once scheduled, the first counts in the figures instead: the pool is still full.
+    rig.slots.busy.fetch_add(1, Ordering::SeqCst);
+    rig.fc.scheduled();
+    assert!(matches!(rig.ask_unscheduled("c", 0, "t"), Admit::Wait(_)));
+    // A slot frees and the queue is empty: nothing is left reserved (the count went back to
+    // zero), so a newcomer goes at once.
+    rig.slots.busy.store(1, Ordering::SeqCst);
+    drop(b);
+    assert!(matches!(rig.ask("d", 0, "t"), Admit::Now));
 }
 
 #[tokio::test(start_paused = true)]

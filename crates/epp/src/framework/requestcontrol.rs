@@ -326,4 +326,10 @@ impl std::fmt::Debug for Admit {
 pub trait Dispatcher: Send + Sync {
     /// Admits `req` now or makes it wait.
     fn dispatch(&self, req: &DispatchRequest<'_>) -> Admit;
+
+    /// The director is done with a request this dispatcher admitted with [`Admit::Now`]: it
+    /// has been scheduled (its endpoint's load counts it now), or failed to be, or went on to
+    /// wait for a data producer. Called exactly once per `Admit::Now`, on the same call path;
+    /// nothing by default.
+    fn scheduled(&self) {}
 }

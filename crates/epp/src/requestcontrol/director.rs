@@ -475,6 +475,7 @@ impl Director {
                     .filter_map(|p| p.plugin.prefetch(&req)),
             );
         }
+        let mut admitted_now: Option<&Arc<dyn Dispatcher>> = None;
         if let Some(dispatcher) = &self.dispatcher {
             let pool = candidates(snapshot.endpoints());
             let req = DispatchRequest {
@@ -495,14 +496,24 @@ impl Director {
                     .map(Duration::from_millis),
                 pool: &pool,
             };
-            if let Admit::Wait(wait) = dispatcher.dispatch(&req) {
-                waits.push(wait);
+            match dispatcher.dispatch(&req) {
+                Admit::Wait(wait) => waits.push(wait),
+                Admit::Now => admitted_now = Some(dispatcher),
             }
         }
+        if !waits.is_empty()
+            && let Some(d) = admitted_now.take()
+        {
+            d.scheduled();
+        }
         match waits.len() {
-            0 => self
-                .schedule(info, body, &parsed, &cands, priority, now)
-                .map(Routing::Ready),
+            0 => {
+                let decision = self.schedule(info, body, &parsed, &cands, priority, now);
+                if let Some(d) = admitted_now {
+                    d.scheduled();
+                }
+                decision.map(Routing::Ready)
+            }
             1 => Ok(Routing::Wait(waits.remove(0))),
             _ => Ok(Routing::Wait(Box::pin(async move {
                 for w in waits {
