@@ -220,7 +220,20 @@ impl SchedulingResult {
     pub fn primary_name(&self) -> Option<&Arc<str>> {
         self.runs.get(self.primary).map(|r| &r.name)
     }
+
+    /// The [`PREFILL_PROFILE`]'s first endpoint, when that profile ran, chose one, and it is
+    /// not the primary endpoint: the other endpoint that takes part in the request.
+    pub fn prefill_target(&self) -> Option<&Target> {
+        let primary = self.targets().first().map(|t| t.endpoint.address);
+        self.targets_of(PREFILL_PROFILE)
+            .and_then(<[_]>::first)
+            .filter(|p| Some(p.endpoint.address) != primary)
+    }
 }
+
+/// The profile whose endpoint shares a request with the primary one in P/D disaggregation
+/// (hard-coded in llm-d-router v0.10, as here).
+pub const PREFILL_PROFILE: &str = "prefill";
 
 /// Decides which profiles run and what the result is. It sees the request, so it may choose
 /// profiles by header or body (a P/D handler runs `prefill` only for long prompts, say).

@@ -36,10 +36,7 @@ use crate::datalayer::{EndpointState, METRICS, StoreHook, estimate_tokens};
 use crate::framework::attributes::{EstimatedOutput, InFlightLoad, PrefixMatch, Release};
 use crate::framework::data::{CycleState, DataKey, KeyId};
 use crate::framework::requestcontrol::{DataProducer, PreRequest, PreRequestContext};
-use crate::framework::scheduling::{Candidate, SchedulingRequest, SchedulingResult};
-
-/// The profile whose endpoint is done with the request at the response's first byte.
-const PREFILL_PROFILE: &str = "prefill";
+use crate::framework::scheduling::{Candidate, PREFILL_PROFILE, SchedulingRequest, SchedulingResult};
 
 /// Parameters as written.
 #[derive(Debug, Default, Clone, Deserialize)]

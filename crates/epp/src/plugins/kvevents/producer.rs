@@ -42,8 +42,6 @@ use crate::framework::plugin::{CounterFamily, PluginMetrics};
 use crate::framework::requestcontrol::{DataProducer, PreRequest, PreRequestContext};
 use crate::framework::scheduling::{Candidate, SchedulingRequest, SchedulingResult};
 
-/// The profile whose endpoint is also recorded speculatively (as v0.10, hard-coded).
-const PREFILL_PROFILE: &str = "prefill";
 /// Blocks keyed per prompt at most: 131,072 tokens at 16 per block (v0.10's token cap of the
 /// approximate producer); bounds the request path's hashing.
 pub const MAX_BLOCKS: usize = 8192;
@@ -322,11 +320,7 @@ impl PreRequest for PreciseProducer {
         };
         let mut pods: smallvec::SmallVec<[PodId; 2]> = smallvec::SmallVec::new();
         pods.extend(record(&primary.endpoint));
-        if let Some(prefill) = result
-            .targets_of(PREFILL_PROFILE)
-            .and_then(<[_]>::first)
-            .filter(|p| p.endpoint.address != primary.endpoint.address)
-        {
+        if let Some(prefill) = result.prefill_target() {
             pods.extend(record(&prefill.endpoint));
         }
         if !pods.is_empty() {

@@ -39,9 +39,6 @@ use crate::framework::plugin::PluginMetrics;
 use crate::framework::requestcontrol::{DataProducer, EndpointsChanged, PreRequest, PreRequestContext};
 use crate::framework::scheduling::{Candidate, SchedulingRequest, SchedulingResult};
 
-/// The profile whose endpoint is also credited with the request's blocks.
-const PREFILL_PROFILE: &str = "prefill";
-
 /// The producer's parameters as written in the config.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -296,11 +293,7 @@ impl PreRequest for PrefixProducer {
             self.hit_bytes.observe((matched * found.block_bytes) as f64);
         }
         self.record(primary, hashes);
-        if let Some(prefill) = result
-            .targets_of(PREFILL_PROFILE)
-            .and_then(<[_]>::first)
-            .filter(|p| p.endpoint.address != primary.endpoint.address)
-        {
+        if let Some(prefill) = result.prefill_target() {
             self.record(prefill, hashes);
         }
     }

@@ -51,9 +51,6 @@ use crate::framework::scheduling::{Candidate, SchedulingRequest, SchedulingResul
 /// v0.10's default LRU size.
 pub const DEFAULT_LRU_SIZE: i64 = 1024;
 
-/// The profile whose endpoint is recorded beside the primary one.
-const PREFILL_PROFILE: &str = "prefill";
-
 /// Parameters as written.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -194,8 +191,7 @@ impl PreRequest for NoHitLruScorer {
             return;
         }
         let primary = result.targets().first();
-        let prefill = result.targets_of(PREFILL_PROFILE).and_then(|t| t.first());
-        for target in primary.into_iter().chain(prefill) {
+        for target in primary.into_iter().chain(result.prefill_target()) {
             if let Some(u) = target.get(self.key) {
                 let now = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
                 u.last.store(now, Ordering::Relaxed);

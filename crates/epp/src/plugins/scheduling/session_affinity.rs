@@ -246,14 +246,12 @@ impl SessionAffinityScorer {
         matches!(self.mode, Mode::SessionId(..))
     }
 
-    /// The endpoint name a token names, when it is one of this pool's namespace.
-    fn decode(&self, token: &[u8]) -> Option<String> {
+    /// The token decoded (`<namespace>/<pod>`), when it is one.
+    fn decode(token: &[u8]) -> Option<String> {
         if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
             return None;
         }
-        let decoded = String::from_utf8(BASE64.decode(token).ok()?).ok()?;
-        let name = decoded.strip_prefix(&*self.namespace)?.strip_prefix('/')?;
-        Some(name.to_owned())
+        String::from_utf8(BASE64.decode(token).ok()?).ok()
     }
 
     /// The endpoint this instance pins for `result`.
@@ -395,23 +393,34 @@ impl Scorer for SessionAffinityScorer {
         candidates: &[Candidate<'_>],
         scores: &mut [f64],
     ) {
-        scores.fill(0.0);
-        let pinned: Option<String> = match &self.mode {
-            Mode::Encoded { header } => req
-                .headers
-                .get(header)
-                .and_then(|t| self.decode(t.trim().as_bytes())),
-            Mode::SessionId(_, key) => state
-                .get(*key)
-                .and_then(|s| s.bound.as_deref())
-                .map(str::to_owned),
+        // The pinned endpoint scores 1; `scores` comes zeroed.
+        let mut pin = |name: &str| {
+            let mut found = false;
+            for (s, c) in scores.iter_mut().zip(candidates) {
+                if *c.endpoint.name == *name {
+                    *s = 1.0;
+                    found = true;
+                }
+            }
+            found
         };
-        let Some(pinned) = pinned else { return };
-        for (s, c) in scores.iter_mut().zip(candidates) {
-            if *c.endpoint.name == *pinned {
-                *s = 1.0;
-                if let Mode::SessionId(_, key) = &self.mode
-                    && let Some(st) = state.get(*key)
+        match &self.mode {
+            Mode::Encoded { header } => {
+                let token = req
+                    .headers
+                    .get(header)
+                    .and_then(|t| Self::decode(t.trim().as_bytes()));
+                if let Some(name) = token
+                    .as_deref()
+                    .and_then(|t| t.strip_prefix(&*self.namespace)?.strip_prefix('/'))
+                {
+                    pin(name);
+                }
+            }
+            Mode::SessionId(_, key) => {
+                if let Some(st) = state.get(*key)
+                    && let Some(bound) = &st.bound
+                    && pin(bound)
                 {
                     st.present.store(true, Ordering::Relaxed);
                 }
