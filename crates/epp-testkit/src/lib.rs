@@ -50,13 +50,11 @@ pub fn documented_yaml(page: &str, heading: &str) -> String {
     block.split("```").next().unwrap().to_owned()
 }
 
-/// A port that was free a moment ago.
+/// A port that was free on 127.0.0.1 a moment ago, drawn below the ephemeral range as
+/// [`free_ports_on`] explains: a port the kernel handed out as `127.0.0.1:0` is one it may hand
+/// to the next outgoing connection before the server under test binds it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports_on(&[std::net::Ipv4Addr::LOCALHOST.into()], 1)[0]
 }
 
 /// `n` distinct port numbers free a moment ago on every address in `ips`, for servers that

@@ -145,18 +145,10 @@ fn unhealthy(body: &serde_json::Value, workers: &[String]) -> Option<String> {
     (!missing.is_empty()).then(|| format!("not (yet) healthy: {}", missing.join(", ")))
 }
 
-/// Two distinct ports that were free on 127.0.0.1 a moment ago.
+/// Two distinct ports that were free on 127.0.0.1 a moment ago (see [`crate::free_ports_on`]).
 fn free_ports() -> (u16, u16) {
-    let bind = || match std::net::TcpListener::bind("127.0.0.1:0") {
-        Ok(l) => l,
-        Err(e) => panic!("cannot bind 127.0.0.1:0: {e}"),
-    };
-    let port = |l: &std::net::TcpListener| match l.local_addr() {
-        Ok(a) => a.port(),
-        Err(e) => panic!("no local address: {e}"),
-    };
-    let (a, b) = (bind(), bind());
-    (port(&a), port(&b))
+    let ports = crate::free_ports_on(&[std::net::Ipv4Addr::LOCALHOST.into()], 2);
+    (ports[0], ports[1])
 }
 
 /// The router's process, killed and waited for on drop; its output is kept in a ring buffer

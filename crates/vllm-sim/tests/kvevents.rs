@@ -17,12 +17,14 @@ const KV: &str = concat!(
     "/../../fixtures/vllm-0.32-cpu/tokenization"
 );
 
+/// A port free on 127.0.0.1 a moment ago, below Linux's ephemeral range (32768-60999) so that
+/// no outgoing connection takes it before the simulator binds it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let start = std::process::id() % 12_000;
+    (0..12_000)
+        .map(|i| 20_000 + ((start + i) % 12_000) as u16)
+        .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .expect("a free port in 20000-31999")
 }
 
 fn field<'a>(event: &'a Value, name: &str) -> &'a Value {
