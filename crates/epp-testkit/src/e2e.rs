@@ -221,10 +221,12 @@ impl Drop for Epp {
     }
 }
 
-/// The three ways gateways put an EPP in front of a pool (`examples/envoy/`).
+/// The ways gateways put an EPP in front of a pool (`examples/envoy/`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shape {
     AiGateway,
+    /// The AI Gateway shape with the response body not sent to the EPP.
+    AiGatewayNoResponseBody,
     OverrideHost,
     FailOpen,
     /// No EPP: a round-robin cluster of the pool (the routing baseline).
@@ -232,11 +234,17 @@ pub enum Shape {
 }
 
 impl Shape {
-    pub const ALL: [Shape; 3] = [Shape::AiGateway, Shape::OverrideHost, Shape::FailOpen];
+    pub const ALL: [Shape; 4] = [
+        Shape::AiGateway,
+        Shape::AiGatewayNoResponseBody,
+        Shape::OverrideHost,
+        Shape::FailOpen,
+    ];
 
     fn file(self) -> &'static str {
         match self {
             Shape::AiGateway => "ai-gateway.yaml",
+            Shape::AiGatewayNoResponseBody => "ai-gateway-no-response-body.yaml",
             Shape::OverrideHost => "override-host.yaml",
             Shape::FailOpen => "fail-open.yaml",
             Shape::RoundRobin => "round-robin.yaml",

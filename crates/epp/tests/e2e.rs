@@ -537,3 +537,90 @@ async fn a_session_returns_to_its_server_by_token_or_by_id_through_envoy() {
         );
     }
 }
+
+/// The value of the first sample of `family` in a metrics page (0 when absent).
+fn sample(page: &str, family: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(family) && l[family.len()..].starts_with(['{', ' ']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn without_the_response_body_a_request_counts_in_flight_until_its_response_ends() {
+    let _serial = SERIAL.lock().await;
+    let client = client();
+    for shape in [Shape::AiGatewayNoResponseBody, Shape::FailOpen] {
+        response_counted_to_its_end(&client, shape).await;
+    }
+}
+
+/// A slow stream through `shape` (which sends the EPP no response body): counted in flight
+/// mid-stream, released when it ends, its duration observed, no token counts.
+async fn response_counted_to_its_end(client: &reqwest::Client, shape: Shape) {
+    // Slow decoding: 40 tokens at 25 ms, a stream of about a second.
+    let sim = Sim::start(|c| {
+        c.time_scale = 1.0;
+        c.decode_seconds_per_token = 0.025;
+    })
+    .await;
+    let epp = Epp::start(&[sim.addr], &["--config-file", SEED]).await;
+    let envoy = Envoy::start(shape, epp.grpc_port, &[sim.addr]).await;
+    let body = serde_json::json!({"model": "tiny", "prompt": "tell me a story", "max_tokens": 40, "stream": true, "stream_options": {"include_usage": true}})
+        .to_string();
+    let mut resp = client
+        .post(envoy.url("/v1/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut received = resp.chunk().await.unwrap().unwrap().to_vec();
+    // Mid-stream: the EPP has seen the response headers only, and still counts the request.
+    let running = "inference_objective_running_requests";
+    let mid = epp.metrics().await;
+    assert_eq!(
+        sample(&mid, running),
+        1.0,
+        "{shape:?}: in flight mid-stream:\n{}",
+        mid.lines()
+            .filter(|l| l.contains("running"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        received.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(received).unwrap();
+    assert_eq!(
+        text.matches("\"text\"").count(),
+        40,
+        "{shape:?}: every token arrives:\n{text}"
+    );
+    // Envoy sends the (empty) response trailers at the end: the count falls and the duration is
+    // observed; no usage was seen, so the token histograms stay empty.
+    let mut page = String::new();
+    for _ in 0..100 {
+        page = epp.metrics().await;
+        if sample(&page, running) == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        sample(&page, running),
+        0.0,
+        "{shape:?}: released at the response's end:\n{page}"
+    );
+    assert_eq!(
+        sample(&page, "inference_objective_request_duration_seconds_count"),
+        1.0,
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "inference_objective_output_tokens_count"),
+        0.0,
+        "{page}"
+    );
+}

@@ -7,6 +7,12 @@
 //!     static cluster and once through the EPP (the Envoy AI Gateway shape, TLS to the EPP):
 //!     the latency the EPP adds.
 //!
+//! (c) the CPU time each part of (b) costs per request.
+//! (d) the response path: a streamed answer of 64 SSE chunks through Envoy, with the response
+//!     body sent to the EPP (the AI Gateway shape) and without it
+//!     (`examples/envoy/ai-gateway-no-response-body.yaml`): what each chunk's round trip
+//!     through the EPP adds to end-to-end latency and inter-chunk gaps, and the EPP's CPU.
+//!
 //! Chat bodies of 1 KB and 220 KB; concurrency 1, 20 and 150. Every cell is bounded by a
 //! request count and a time limit. Loopback only.
 //!
@@ -46,6 +52,7 @@ async fn backend() -> SocketAddr {
             "/metrics",
             get(|| async { ([("content-type", "text/plain; version=0.0.4")], PAGE) }),
         )
+        .route("/v1/stream", post(stream_answer))
         // Read the whole request (an unread body makes the server close the connection).
         .fallback(post(|_body: axum::body::Bytes| async {
             ([("content-type", "application/json")], "{\"ok\":true}")
@@ -54,6 +61,34 @@ async fn backend() -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
+}
+
+/// Chunks of a streamed answer (`/v1/stream`), and the pause before each.
+const STREAM_CHUNKS: usize = 64;
+const CHUNK_GAP: Duration = Duration::from_millis(2);
+
+/// A streamed chat answer: `STREAM_CHUNKS` SSE events of one token each, `CHUNK_GAP` apart (so
+/// that each travels as its own body chunk), then `[DONE]`, as vLLM streams.
+async fn stream_answer(_body: axum::body::Bytes) -> impl axum::response::IntoResponse {
+    let events = futures_util::stream::unfold(0usize, |i| async move {
+        if i > STREAM_CHUNKS {
+            return None;
+        }
+        tokio::time::sleep(CHUNK_GAP).await;
+        let event = if i == STREAM_CHUNKS {
+            "data: [DONE]\n\n".to_owned()
+        } else {
+            format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}}}}]}}\n\n")
+        };
+        Some((
+            Ok::<_, std::convert::Infallible>(bytes::Bytes::from(event)),
+            i + 1,
+        ))
+    });
+    (
+        [("content-type", "text/event-stream")],
+        axum::body::Body::from_stream(events),
+    )
 }
 
 /// `n` chat bodies of about `size` bytes sharing a system prompt.
@@ -531,6 +566,83 @@ async fn bench() {
     for row in cpu_rows {
         println!("{row}");
     }
+
+    // (d) The response path: a streamed answer through Envoy.
+    let no_body = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/envoy/ai-gateway-no-response-body.yaml"
+    ))
+    .unwrap()
+    .replace("{{LISTEN_PORT}}", "LISTEN")
+    .replace("{{ADMIN_PORT}}", "ADMIN")
+    .replace("{{EPP_PORT}}", &grpc_tls.to_string());
+    let (e5, no_body_port) = start_envoy(no_body).await;
+    println!(
+        "\n(d) A streamed answer ({STREAM_CHUNKS} SSE chunks, {} ms apart at the server) through Envoy: plain cluster, the EPP with the response body (AI Gateway shape), the EPP without it (ai-gateway-no-response-body); per chunk = (end-to-end minus plain) / chunks",
+        CHUNK_GAP.as_millis()
+    );
+    println!(
+        "| concurrency | front | end-to-end p50 | end-to-end p99 | added per chunk p50 | ITL p50 | ITL p99 | EPP CPU per chunk |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for c in [1usize, 20] {
+        let mut plain_p50 = Duration::ZERO;
+        for (label, port, epp_pid) in [
+            ("plain", direct_port, None),
+            ("EPP, response body", epp_port, Some(epp_tls.0.id())),
+            ("EPP, no response body", no_body_port, Some(epp_tls.0.id())),
+        ] {
+            let url = format!("http://127.0.0.1:{port}/v1/stream");
+            let gaps = Arc::new(parking_lot::Mutex::new(Vec::new()));
+            let client = client.clone();
+            let body = bodies(1_000, 1)[0].to_vec();
+            let cpu_before = epp_pid.map(cpu_seconds);
+            let total = if quick { 40 } else { 400 * scale };
+            let cell = {
+                let gaps = gaps.clone();
+                run(c, total.max(c), move |_| {
+                    let (client, url, body, gaps) = (client.clone(), url.clone(), body.clone(), gaps.clone());
+                    async move {
+                        let mut r = client.post(&url).body(body).send().await.unwrap();
+                        assert!(r.status().is_success(), "{}", r.status());
+                        let (mut last, mut mine) = (None::<Instant>, Vec::with_capacity(STREAM_CHUNKS));
+                        while let Some(chunk) = r.chunk().await.unwrap() {
+                            let now = Instant::now();
+                            // One event per chunk as sent; a coalesced read counts once.
+                            if chunk.starts_with(b"data: {") {
+                                if let Some(prev) = last {
+                                    mine.push(now - prev);
+                                }
+                                last = Some(now);
+                            }
+                        }
+                        gaps.lock().extend(mine);
+                    }
+                })
+                .await
+            };
+            let chunks = (cell.requests * STREAM_CHUNKS) as f64;
+            let cpu = match (epp_pid, cpu_before) {
+                (Some(p), Some(b)) => format!("{:.1} µs", (cpu_seconds(p) - b) / chunks * 1e6),
+                _ => "–".into(),
+            };
+            if epp_pid.is_none() {
+                plain_p50 = cell.p50;
+            }
+            let per_chunk = cell.p50.saturating_sub(plain_p50).as_secs_f64() / STREAM_CHUNKS as f64;
+            let mut gaps = std::mem::take(&mut *gaps.lock());
+            gaps.sort_unstable();
+            println!(
+                "| {c} | {label} | {} | {} | {:.0} µs | {} | {} | {cpu} |",
+                ms(cell.p50),
+                ms(cell.p99),
+                per_chunk * 1e6,
+                ms(percentile(&gaps, 0.5)),
+                ms(percentile(&gaps, 0.99)),
+            );
+        }
+    }
+    drop(e5);
 }
 
 /// User + system CPU seconds a process has used so far (all threads).

@@ -1,45 +1,61 @@
-//! Routing quality: the same workload, at the same request rates, against the same pool of
-//! simulated vLLM servers, through each routing strategy a user could pick:
+//! Routing quality: the same workload, at the same load, against the same pool of model
+//! servers, through each routing strategy a user could pick:
 //!
 //! * `round-robin`: Envoy with a round-robin cluster (what a Kubernetes Service gives);
+//! * `affinity`: no router, the client sends group `g` to server `g % n` (perfect static group
+//!   affinity: the hit-rate upper bound for `shared_prefix`);
 //! * `epp-random`: Envoy + this EPP with `random-picker`;
 //! * `epp-default`: Envoy + this EPP with the seed ConfigMap's profile (queue, KV, prefix, weight 1);
-//! * `epp-v14`: Envoy + this EPP with the v1.4+ default weights (queue 2, KV 2, prefix 3);
+//! * `epp-v14`: Envoy + this EPP with no configuration: the built-in default profile;
 //! * `epp-baseline`: llm-d-router v0.10's "optimized baseline": the v1.4 weights plus
 //!   `no-hit-lru-scorer` (weight 2), which spreads prompts no server holds;
-//! * `sglang`: SGLang's router, policy `cache_aware`;
+//! * `sglang`: SGLang's Python-packaged router (`sglang-router`), policy `cache_aware`;
+//! * `smg-cache-aware`, `smg-prefix-hash`, `smg-least-load`: the Shepherd Model Gateway (PyPI
+//!   `smg`) with that policy;
+//! * `vllm-router-cache-aware`, `vllm-router-power-of-two`: vLLM's router (PyPI `vllm-router`);
 //! * `epp-precise`: Envoy + this EPP with the v1.4 weights, the prefix scorer reading the
 //!   precise producer (the servers' KV events, the model's tokenizer in process);
 //! * `epp-precise-lru`: the same with `no-hit-lru-scorer` (weight 2), as `epp-baseline`;
 //! * `epp-precise-2`, `epp-v14-2`: the same two profiles with two EPP replicas behind one
 //!   Envoy (ext_proc streams balanced between them), which share nothing;
-//! * `vllm-router-kv-aware`: vLLM's own router (PyPI `vllm-router`), policy `kv_aware`, on the
-//!   same servers' KV events (it asks each server's `/v1/chat/completions/render` for tokens).
+//! * `vllm-router-kv-aware`: vLLM's router, policy `kv_aware`, on the same servers' KV events
+//!   (it asks each server's `/v1/chat/completions/render` for tokens).
 //!
-//! When a precise strategy runs, every strategy of that run gets servers that tokenize with the
-//! fixture model's tokenizer and publish KV events (`--tokenizer` and `--kv-events-config` of
-//! `vllm-sim`), each on its own loopback address, so all strategies see the same servers.
-//! `--reset-every <s>` resets one server's prefix cache (round robin, running requests
-//! preempted) every `s` seconds during each rate: caches emptied mid-run.
+//! Servers (`--backend`): `sim` (default) runs `--servers 4` simulators, restarted between
+//! strategies so each starts with cold caches. When a precise strategy runs, every strategy of
+//! that run gets simulators that tokenize with the fixture model's tokenizer and publish KV
+//! events, each on its own loopback address. `vllm` runs `--servers 2` real vLLM servers (CPU
+//! build, the tiny model of `scripts/ensure-vllm`, `--kv-blocks 96` blocks of 32 tokens,
+//! `--max-num-seqs 4`), each pinned to one core, started once and their prefix caches reset
+//! between strategies; the KV-event strategies are not run there (vLLM would bind its event
+//! socket on every interface).
 //!
-//! The sims restart between strategies so every strategy starts with cold caches. For each
-//! strategy and rate: TTFT p50/p90/p99 (streaming, observed at the client), end-to-end
-//! latency p50/p90, output tokens/s, the sims' prefix-cache hit rate
-//! (`prefix_cache_hits / prefix_cache_queries`), how often a group's request went to another
-//! server than the group's previous one (`moved`) and the spread of requests over the sims.
-//! Results go to stdout (a Markdown table) and `<out>/results-<workload>[-seed<n>].json`.
+//! Load: Poisson `--rates` (requests/s, `--duration` seconds each), or a closed loop with
+//! `--concurrency` requests in flight sending `--requests` requests (default: each question of
+//! each group once, shuffled). `--repeat n` runs each cell n times (seeds +100 apart). The
+//! `shared_prefix` shape takes `--groups`, `--questions` and `--system-prompt-len`.
+//! `--reset-every <s>` resets one server's prefix cache every `s` seconds during each run.
 //!
-//! `cargo bench --bench routing_quality -- [--rates 5,10,20,30,40] [--duration 25]
-//!  [--strategies round-robin,epp-random,epp-default,epp-v14,epp-baseline,sglang,epp-precise,
-//!  epp-precise-lru,epp-precise-2,epp-v14-2,vllm-router-kv-aware]
-//!  [--workload shared_prefix|multi_turn|control] [--out target/routing-quality] [--sims 4]
+//! For each strategy and load: TTFT p50/p90/p99 (streaming, observed at the client), the
+//! inter-token latency (ITL: gaps between content chunks) p50/p90, end-to-end latency p50/p90,
+//! output tokens/s, the servers' prefix-cache hit rate (`prefix_cache_hits /
+//! prefix_cache_queries`), the requests each server took, and, on simulators, how often a
+//! group's request went to another server than the group's previous one (`moved`). Results go
+//! to stdout (a Markdown table) and `<out>/results-<workload>[-vllm][-seed<n>].json`.
+//!
+//! `cargo bench --bench routing_quality -- [--backend sim|vllm] [--rates 5,10,20,30,40]
+//!  [--duration 25] [--concurrency 4] [--requests n] [--repeat 1] [--strategies a,b,...]
+//!  [--workload shared_prefix|multi_turn|control] [--groups g] [--questions q]
+//!  [--system-prompt-len tokens] [--out target/routing-quality] [--servers n]
 //!  [--reset-every <seconds>] [--seed 42] [--epp-arg=<flag> ...]`
 //!
 //! Envoy comes from `$ENVOY_BIN` or `.venv`; SGLang's router from `$SGLANG_ROUTER_PYTHON` or
-//! `.venv`; vLLM's router from `$VLLM_ROUTER_BIN` or `.venv` (`scripts/routing-quality` installs
-//! them and plots the results).
+//! `.venv`; `vllm-router` and `smg` from `$VLLM_ROUTER_BIN`, `$SMG_BIN` or `.venv`; vLLM from
+//! `$VLLM_SERVE` or `.venv-vllm` (`scripts/routing-quality` installs them and plots).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod front;
+mod pool;
 mod workload;
 
 use std::collections::HashMap;
@@ -47,8 +63,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use epp_testkit::e2e::{Envoy, Epp, Shape, Sim};
-use epp_testkit::sglang;
+use epp_testkit::e2e::Sim;
+use front::{EventPorts, Front, Strategy, front};
+use pool::{Pool, VllmOptions};
 use workload::{Workload, poisson_arrivals};
 
 /// The simulated pool: small KV caches (400 blocks of 16 tokens: room for about four of the
@@ -62,326 +79,14 @@ fn sim_config(c: &mut vllm_sim::SimConfig) {
     c.decode_seconds_per_token = 0.008;
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Strategy {
-    RoundRobin,
-    EppRandom,
-    EppDefault,
-    EppV14,
-    EppBaseline,
-    Sglang,
-    EppPrecise,
-    EppPreciseLru,
-    EppPrecise2,
-    EppV14x2,
-    KvAware,
-}
-
-impl Strategy {
-    const ALL: [Strategy; 11] = [
-        Self::RoundRobin,
-        Self::EppRandom,
-        Self::EppDefault,
-        Self::EppV14,
-        Self::EppBaseline,
-        Self::Sglang,
-        Self::EppPrecise,
-        Self::EppPreciseLru,
-        Self::EppPrecise2,
-        Self::EppV14x2,
-        Self::KvAware,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::RoundRobin => "round-robin",
-            Self::EppRandom => "epp-random",
-            Self::EppDefault => "epp-default",
-            Self::EppV14 => "epp-v14",
-            Self::EppBaseline => "epp-baseline",
-            Self::Sglang => "sglang",
-            Self::EppPrecise => "epp-precise",
-            Self::EppPreciseLru => "epp-precise-lru",
-            Self::EppPrecise2 => "epp-precise-2",
-            Self::EppV14x2 => "epp-v14-2",
-            Self::KvAware => "vllm-router-kv-aware",
-        }
-    }
-
-    /// Whether the servers must publish KV events (and so tokenize).
-    fn needs_events(self) -> bool {
-        matches!(
-            self,
-            Self::EppPrecise | Self::EppPreciseLru | Self::EppPrecise2 | Self::KvAware
-        )
-    }
-
-    /// EPP replicas behind Envoy.
-    fn replicas(self) -> usize {
-        if matches!(self, Self::EppPrecise2 | Self::EppV14x2) {
-            2
-        } else {
-            1
-        }
-    }
-
-    fn parse(s: &str) -> Self {
-        Self::ALL
-            .into_iter()
-            .find(|x| x.name() == s)
-            .unwrap_or_else(|| panic!("unknown strategy {s}"))
-    }
-}
-
-const RANDOM_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: random-picker
-";
-
-/// The scorer `epp-baseline` and `epp-precise-lru` add, and its place in the profile.
-const NO_HIT_LRU: (&str, &str) = (
-    "- type: no-hit-lru-scorer\n",
-    "  - {pluginRef: no-hit-lru-scorer, weight: 2}\n",
-);
-
-/// llm-d-router v0.10's "optimized baseline" profile.
-fn baseline_config() -> String {
-    format!(
-        "apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: prefix-cache-scorer
-{}schedulingProfiles:
-- name: default
-  plugins:
-  - {{pluginRef: queue-scorer, weight: 2}}
-  - {{pluginRef: kv-cache-utilization-scorer, weight: 2}}
-  - {{pluginRef: prefix-cache-scorer, weight: 3}}
-{}",
-        NO_HIT_LRU.0, NO_HIT_LRU.1
-    )
-}
-
-/// The KV-event ports every tokenizing server publishes on (each on its own address).
-#[derive(Debug, Clone, Copy)]
-struct EventPorts {
-    socket: u16,
-    replay: u16,
-}
-
-/// The v1.4 weights with the prefix scorer reading the precise producer, subscribed to every
-/// server (replay on), speculative entries on (as llm-d's perf configuration); with `lru`, the
-/// no-hit LRU scorer too.
-fn precise_config(ports: EventPorts, lru: bool) -> String {
-    let (plugin, entry) = if lru { NO_HIT_LRU } else { ("", "") };
-    let tokenizer = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../fixtures/vllm-0.32-cpu/tokenization"
-    );
-    format!(
-        "apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: token-producer
-  parameters: {{local: {{path: {tokenizer}}}}}
-- type: endpoint-notification-source
-- type: precise-prefix-cache-producer
-  parameters:
-    tokenProcessorConfig: {{blockSizeTokens: 16}}
-    kvEventsConfig: {{podDiscoveryConfig: {{socketPort: {}, replaySocketPort: {}}}}}
-    speculativeIndexing: true
-- type: prefix-cache-scorer
-  parameters: {{prefixMatchInfoProducerName: precise-prefix-cache-producer}}
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-{plugin}dataLayer:
-  sources:
-  - pluginRef: endpoint-notification-source
-    extractors: [{{pluginRef: precise-prefix-cache-producer}}]
-schedulingProfiles:
-- name: default
-  plugins:
-  - {{pluginRef: queue-scorer, weight: 2}}
-  - {{pluginRef: kv-cache-utilization-scorer, weight: 2}}
-  - {{pluginRef: prefix-cache-scorer, weight: 3}}
-{entry}",
-        ports.socket, ports.replay
-    )
-}
-
-/// What sits in front of the pool for one strategy; dropping it stops everything (the EPP is
-/// held only to keep it running).
-enum Front {
-    Envoy(Envoy),
-    Epp(Envoy, #[allow(dead_code)] Vec<Epp>),
-    Sglang(sglang::SglangRouter),
-    VllmRouter(VllmRouter),
-}
-
-impl Front {
-    fn url(&self, path: &str) -> String {
-        match self {
-            Front::Envoy(e) | Front::Epp(e, _) => e.url(path),
-            Front::Sglang(r) => format!("{}{path}", r.url),
-            Front::VllmRouter(r) => format!("http://127.0.0.1:{}{path}", r.port),
-        }
-    }
-}
-
-/// vLLM's router with `kv_aware`, subscribed to each server's KV events; killed on drop.
-struct VllmRouter {
-    child: std::process::Child,
-    port: u16,
-    metrics_port: u16,
-}
-
-impl Drop for VllmRouter {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl VllmRouter {
-    /// Its KV-routing counters (`vllm_router_kv_*`), for the log.
-    async fn kv_counters(&self) -> String {
-        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
-            .await
-            .ok();
-        let text = match text {
-            Some(r) => r.text().await.unwrap_or_default(),
-            None => String::new(),
-        };
-        text.lines()
-            .filter(|l| l.starts_with("vllm_router_kv_"))
-            .collect::<Vec<_>>()
-            .join("; ")
-    }
-
-    async fn start(pool: &[std::net::SocketAddr], events: EventPorts) -> Self {
-        let bin = std::env::var("VLLM_ROUTER_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| {
-                PathBuf::from(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/../../.venv/bin/vllm-router"
-                ))
-            });
-        let port = epp_testkit::free_port();
-        let metrics_port = epp_testkit::free_port();
-        let mut cmd = std::process::Command::new(&bin);
-        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args([
-                "--prometheus-host",
-                "127.0.0.1",
-                "--prometheus-port",
-                &metrics_port.to_string(),
-            ])
-            .arg("--worker-urls")
-            .args(pool.iter().map(|a| format!("http://{a}")))
-            .args(["--policy", "kv_aware", "--router-temperature", "0"])
-            .args(["--kv-event-model", "tiny", "--kv-event-block-size", "16"])
-            .args(["--worker-startup-check-interval", "1", "--log-level", "warning"]);
-        for a in pool {
-            cmd.args([
-                "--kv-event-source",
-                &format!("http://{a}=tcp://{}:{}", a.ip(), events.socket),
-            ]);
-        }
-        let log = std::env::temp_dir().join(format!("vllm-router-{port}.log"));
-        let child = cmd
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run {}: {e} (scripts/ensure-vllm-router installs it)",
-                    bin.display()
-                )
-            });
-        let router = Self {
-            child,
-            port,
-            metrics_port,
-        };
-        let client = reqwest::Client::new();
-        for _ in 0..600 {
-            if let Ok(r) = client.get(format!("http://127.0.0.1:{port}/health")).send().await
-                && r.status().is_success()
-            {
-                return router;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!(
-            "vllm-router did not start; log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
-}
-
-async fn front(
-    strategy: Strategy,
-    pool: &[std::net::SocketAddr],
-    extra_epp_args: &[String],
-    events: Option<EventPorts>,
-) -> Front {
-    let seed = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/default-plugins.yaml");
-    let epp_args: Vec<String> = match strategy {
-        Strategy::RoundRobin => return Front::Envoy(Envoy::start(Shape::RoundRobin, 0, pool).await),
-        Strategy::Sglang => {
-            let python = std::env::var("SGLANG_ROUTER_PYTHON")
-                .map(PathBuf::from)
-                .unwrap_or_else(|_| {
-                    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../.venv/bin/python"))
-                });
-            return Front::Sglang(sglang::SglangRouter::start(&python, pool, &[]).await);
-        }
-        Strategy::EppRandom => vec![format!("--config-text={RANDOM_CONFIG}")],
-        Strategy::EppDefault => vec!["--config-file".into(), seed.into()],
-        Strategy::EppV14 | Strategy::EppV14x2 => vec![],
-        Strategy::EppBaseline => vec![format!("--config-text={}", baseline_config())],
-        Strategy::EppPrecise | Strategy::EppPrecise2 | Strategy::EppPreciseLru => {
-            let ports = events.expect("a precise strategy runs on servers that publish events");
-            let lru = strategy == Strategy::EppPreciseLru;
-            vec![format!("--config-text={}", precise_config(ports, lru))]
-        }
-        Strategy::KvAware => {
-            let ports = events.expect("kv_aware runs on servers that publish events");
-            return Front::VllmRouter(VllmRouter::start(pool, ports).await);
-        }
-    };
-    let mut args: Vec<&str> = epp_args.iter().map(String::as_str).collect();
-    args.push("--destination-limit=1");
-    args.extend(extra_epp_args.iter().map(String::as_str));
-    let mut epps = Vec::new();
-    for _ in 0..strategy.replicas() {
-        epps.push(Epp::start(pool, &args).await);
-    }
-    // Further replicas join the first one's cluster: Envoy balances ext_proc streams over them.
-    let others: Vec<u16> = epps.iter().skip(1).map(|e| e.grpc_port).collect();
-    let envoy = Envoy::start_edited(Shape::AiGateway, epps[0].grpc_port, pool, |t| {
-        let line = "        - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: {{EPP_PORT}}}}}\n";
-        let mut lines = line.to_owned();
-        for p in &others {
-            lines.push_str(&line.replace("{{EPP_PORT}}", &p.to_string()));
-        }
-        assert!(others.is_empty() || t.contains(line), "the EPP cluster's endpoint line moved");
-        t.replace(line, &lines)
-    })
-    .await;
-    Front::Epp(envoy, epps)
-}
-
 /// One request's outcome.
 #[derive(Debug, Default, Clone)]
 struct Sample {
     ok: bool,
     ttft: Duration,
     e2e: Duration,
+    /// Gaps between successive content chunks after the first (inter-token latency).
+    itl: Vec<Duration>,
     output_tokens: u64,
     served_by: Option<String>,
 }
@@ -408,6 +113,7 @@ async fn send(client: &reqwest::Client, url: &str, body: String) -> Sample {
         .map(str::to_owned);
     let mut buf = Vec::new();
     let mut first = None;
+    let mut last = None;
     while let Ok(Some(chunk)) = resp.chunk().await {
         buf.extend_from_slice(&chunk);
         while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
@@ -418,12 +124,15 @@ async fn send(client: &reqwest::Client, url: &str, body: String) -> Sample {
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
                 continue;
             };
-            if first.is_none()
-                && v["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .is_some_and(|c| !c.is_empty())
+            if v["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
             {
-                first = Some(start.elapsed());
+                let now = start.elapsed();
+                first.get_or_insert(now);
+                if let Some(prev) = last.replace(now) {
+                    sample.itl.push(now - prev);
+                }
             }
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 sample.output_tokens = n;
@@ -447,36 +156,36 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 struct RateResult {
     workload: String,
     strategy: String,
+    /// `sim` or `vllm`.
+    backend: &'static str,
+    /// Offered Poisson rate (requests/s); 0 in closed-loop runs.
     rate: f64,
+    /// Requests kept in flight in closed-loop runs (`--concurrency`); 0 for Poisson runs.
+    concurrency: usize,
     requests: usize,
     ok: usize,
     ttft_p50: f64,
     ttft_p90: f64,
     ttft_p99: f64,
+    /// Inter-token latency over every gap between content chunks of every request.
+    itl_p50: f64,
+    itl_p90: f64,
     e2e_p50: f64,
     e2e_p90: f64,
     output_tokens_per_s: f64,
     hit_rate: f64,
+    /// Requests each server took.
     spread: Vec<usize>,
     /// Of the requests that follow an earlier one of their group (conversation, system
-    /// prompt) in sending order, the share served by another server than that one.
-    moved: f64,
-}
-
-fn hits(sims: &[Sim]) -> (u64, u64) {
-    sims.iter().fold((0, 0), |(h, q), s| {
-        let st = s.sim.stats();
-        (h + st.prefix_cache_hits, q + st.prefix_cache_queries)
-    })
+    /// prompt) in sending order, the share served by another server than that one; absent
+    /// when the servers do not say who served (real vLLM).
+    moved: Option<f64>,
 }
 
 /// Resets one server's prefix cache every `every` (round robin, running requests preempted)
 /// until dropped.
-fn resetter(sims: &[Sim], every: Duration) -> tokio::task::JoinHandle<()> {
-    let urls: Vec<String> = sims
-        .iter()
-        .map(|s| format!("http://{}/reset_prefix_cache?reset_running_requests=true", s.addr))
-        .collect();
+fn resetter(pool: &Pool, every: Duration) -> tokio::task::JoinHandle<()> {
+    let urls = pool.reset_urls();
     tokio::spawn(async move {
         let client = reqwest::Client::new();
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -487,37 +196,113 @@ fn resetter(sims: &[Sim], every: Duration) -> tokio::task::JoinHandle<()> {
     })
 }
 
-async fn run_rate(
+/// How requests are offered.
+#[derive(Debug, Clone, Copy)]
+enum Load {
+    /// Poisson arrivals at this many requests per second.
+    Rate(f64),
+    /// A closed loop keeping this many requests in flight.
+    Concurrency(usize),
+}
+
+async fn run_load(
     front: &Front,
-    sims: &[Sim],
+    pool: &Pool,
     workload: &Workload,
-    rate: f64,
-    duration: f64,
+    load: Load,
+    count: usize,
     seed: u64,
     reset_every: Option<Duration>,
 ) -> RateResult {
-    let count = ((rate * duration).round() as usize).max(1);
-    let requests = workload.requests(count, seed);
-    let arrivals = poisson_arrivals(rate, count, seed ^ 0x5eed);
     let client = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(512)
         .timeout(Duration::from_secs(180))
         .build()
         .unwrap();
-    let url = Arc::new(front.url("/v1/chat/completions"));
-    let (h0, q0) = hits(sims);
-    let resets = reset_every.map(|every| resetter(sims, every));
+    let before = pool.counters().await;
+    let resets = reset_every.map(|every| resetter(pool, every));
     let start = tokio::time::Instant::now();
-    let mut tasks = Vec::with_capacity(count);
-    let mut groups = Vec::with_capacity(count);
+    let (groups, samples) = match load {
+        Load::Rate(rate) => {
+            let requests = workload.requests(count, seed);
+            let arrivals = poisson_arrivals(rate, count, seed ^ 0x5eed);
+            poisson(front, &client, workload, requests, arrivals, start).await
+        }
+        Load::Concurrency(n) => closed(front, &client, workload.requests_once(count, seed), n).await,
+    };
+    let wall = start.elapsed().as_secs_f64();
+    if let Some(r) = resets {
+        r.abort();
+    }
+    let (hit_rate, spread) = pool.counters().await.since(&before);
+    let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
+    let mut ttft: Vec<Duration> = ok.iter().map(|s| s.ttft).collect();
+    let mut e2e: Vec<Duration> = ok.iter().map(|s| s.e2e).collect();
+    let mut itl: Vec<Duration> = ok.iter().flat_map(|s| s.itl.iter().copied()).collect();
+    ttft.sort_unstable();
+    e2e.sort_unstable();
+    itl.sort_unstable();
+    let mut last: HashMap<usize, &str> = HashMap::new();
+    let (mut follows, mut moved) = (0usize, 0usize);
+    for (g, s) in groups.iter().zip(&samples) {
+        let Some(by) = s.served_by.as_deref() else {
+            continue;
+        };
+        if let Some(prev) = last.insert(*g, by) {
+            follows += 1;
+            moved += usize::from(prev != by);
+        }
+    }
+    let (rate, concurrency) = match load {
+        Load::Rate(r) => (r, 0),
+        Load::Concurrency(n) => (0.0, n),
+    };
+    RateResult {
+        workload: workload.name().to_owned(),
+        strategy: String::new(),
+        backend: if matches!(pool, Pool::Sims(_)) {
+            "sim"
+        } else {
+            "vllm"
+        },
+        rate,
+        concurrency,
+        requests: samples.len(),
+        ok: ok.len(),
+        ttft_p50: pct(&ttft, 0.5),
+        ttft_p90: pct(&ttft, 0.9),
+        ttft_p99: pct(&ttft, 0.99),
+        itl_p50: pct(&itl, 0.5),
+        itl_p90: pct(&itl, 0.9),
+        e2e_p50: pct(&e2e, 0.5),
+        e2e_p90: pct(&e2e, 0.9),
+        output_tokens_per_s: ok.iter().map(|s| s.output_tokens).sum::<u64>() as f64 / wall,
+        hit_rate,
+        spread,
+        moved: (follows > 0).then(|| moved as f64 / follows as f64),
+    }
+}
+
+/// Sends `requests` at `arrivals` (seconds from `start`); returns each one's group and sample.
+async fn poisson(
+    front: &Front,
+    client: &reqwest::Client,
+    workload: &Workload,
+    requests: Vec<workload::Request>,
+    arrivals: Vec<f64>,
+    start: tokio::time::Instant,
+) -> (Vec<usize>, Vec<Sample>) {
+    let mut tasks = Vec::with_capacity(requests.len());
+    let mut groups = Vec::with_capacity(requests.len());
     // Closed loop: a turn that arrives while its conversation's previous turn is still being
     // answered waits for that answer (each turn's task holds a sender its successor awaits);
     // TTFT counts from the send.
     let mut turns: HashMap<usize, tokio::sync::oneshot::Receiver<()>> = HashMap::new();
     for (req, at) in requests.into_iter().zip(arrivals) {
         tokio::time::sleep_until(start + Duration::from_secs_f64(at)).await;
-        let (client, url) = (client.clone(), url.clone());
+        let client = client.clone();
+        let url = front.url("/v1/chat/completions", req.group);
         groups.push(req.group);
         let (answered, next) = tokio::sync::oneshot::channel::<()>();
         let previous = if workload.closed_loop() {
@@ -535,78 +320,75 @@ async fn run_rate(
             sample
         }));
     }
-    let mut samples = Vec::with_capacity(count);
+    let mut samples = Vec::with_capacity(tasks.len());
     for t in tasks {
         samples.push(t.await.unwrap());
     }
-    let wall = start.elapsed().as_secs_f64();
-    if let Some(r) = resets {
-        r.abort();
-    }
-    let (h1, q1) = hits(sims);
-    let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
-    let mut ttft: Vec<Duration> = ok.iter().map(|s| s.ttft).collect();
-    let mut e2e: Vec<Duration> = ok.iter().map(|s| s.e2e).collect();
-    ttft.sort_unstable();
-    e2e.sort_unstable();
-    let spread = sims
+    (groups, samples)
+}
+
+/// Sends `requests` in order, `n` at a time (each worker takes the next one when its last is
+/// answered); returns each one's group and sample in sending order.
+async fn closed(
+    front: &Front,
+    client: &reqwest::Client,
+    requests: Vec<workload::Request>,
+    n: usize,
+) -> (Vec<usize>, Vec<Sample>) {
+    let groups: Vec<usize> = requests.iter().map(|r| r.group).collect();
+    let queue = Arc::new(parking_lot::Mutex::new(
+        requests
+            .into_iter()
+            .enumerate()
+            .collect::<std::collections::VecDeque<_>>(),
+    ));
+    let urls: Vec<String> = groups
         .iter()
-        .map(|s| {
-            samples
-                .iter()
-                .filter(|x| x.served_by.as_deref() == Some(s.id.as_str()))
-                .count()
+        .map(|g| front.url("/v1/chat/completions", *g))
+        .collect();
+    let urls = Arc::new(urls);
+    let workers: Vec<_> = (0..n.max(1))
+        .map(|_| {
+            let (queue, client, urls) = (queue.clone(), client.clone(), urls.clone());
+            tokio::spawn(async move {
+                let mut done = Vec::new();
+                loop {
+                    let next = queue.lock().pop_front();
+                    let Some((i, req)) = next else { break };
+                    done.push((i, send(&client, &urls[i], req.body).await));
+                }
+                done
+            })
         })
         .collect();
-    let mut last: HashMap<usize, &str> = HashMap::new();
-    let (mut follows, mut moved) = (0usize, 0usize);
-    for (g, s) in groups.iter().zip(&samples) {
-        let Some(by) = s.served_by.as_deref() else {
-            continue;
-        };
-        if let Some(prev) = last.insert(*g, by) {
-            follows += 1;
-            moved += usize::from(prev != by);
+    let mut samples = vec![Sample::default(); groups.len()];
+    for w in workers {
+        for (i, s) in w.await.unwrap() {
+            samples[i] = s;
         }
     }
-    RateResult {
-        workload: workload.name().to_owned(),
-        strategy: String::new(),
-        rate,
-        requests: count,
-        ok: ok.len(),
-        ttft_p50: pct(&ttft, 0.5),
-        ttft_p90: pct(&ttft, 0.9),
-        ttft_p99: pct(&ttft, 0.99),
-        e2e_p50: pct(&e2e, 0.5),
-        e2e_p90: pct(&e2e, 0.9),
-        output_tokens_per_s: ok.iter().map(|s| s.output_tokens).sum::<u64>() as f64 / wall,
-        hit_rate: if q1 > q0 {
-            (h1 - h0) as f64 / (q1 - q0) as f64
-        } else {
-            0.0
-        },
-        spread,
-        moved: if follows > 0 {
-            moved as f64 / follows as f64
-        } else {
-            0.0
-        },
-    }
+    (groups, samples)
 }
 
 struct Options {
     /// Extra `epp` flags (`--epp-arg=--refresh-metrics-interval=10ms`, repeatable).
     epp_args: Vec<String>,
-    rates: Vec<f64>,
+    loads: Vec<Load>,
     duration: f64,
+    /// Requests per closed-loop run (`--requests`; default: the workload's distinct requests).
+    requests: Option<usize>,
     strategies: Vec<Strategy>,
     workload: Workload,
     out: PathBuf,
-    sims: usize,
+    /// Servers in the pool (`--servers`, or `--sims`).
+    servers: usize,
+    /// Real vLLM servers instead of simulated ones (`--backend vllm`).
+    vllm: Option<VllmOptions>,
     reset_every: Option<Duration>,
-    /// First seed; rate `i` uses `seed + i` (repeat a run with another seed to see its spread).
+    /// First seed; load `i` uses `seed + i` (repeat a run with another seed to see its spread).
     seed: u64,
+    /// Runs of each strategy at each load (`--repeat`), with seeds `seed`, `seed + 100`, ...
+    repeat: usize,
 }
 
 fn options() -> Options {
@@ -617,43 +399,158 @@ fn options() -> Options {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
+    let list = |s: String| -> Vec<String> { s.split(',').map(|x| x.trim().to_owned()).collect() };
+    let vllm = match get("--backend").as_deref() {
+        None | Some("sim") => None,
+        Some("vllm") => Some(VllmOptions {
+            serve: get("--vllm-serve")
+                .or_else(|| std::env::var("VLLM_SERVE").ok())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(concat!(
+                        env!("CARGO_MANIFEST_DIR"),
+                        "/../../.venv-vllm/serve-tiny"
+                    ))
+                }),
+            kv_blocks: get("--kv-blocks").map_or(96, |n| n.parse().unwrap()),
+            max_num_seqs: get("--max-num-seqs").map_or(4, |n| n.parse().unwrap()),
+        }),
+        Some(other) => panic!("unknown backend {other} (sim or vllm)"),
+    };
+    let loads = match get("--concurrency") {
+        Some(c) => list(c)
+            .iter()
+            .map(|n| Load::Concurrency(n.parse().unwrap()))
+            .collect(),
+        None => list(get("--rates").unwrap_or_else(|| "5,10,20,30,40".into()))
+            .iter()
+            .map(|r| Load::Rate(r.parse().unwrap()))
+            .collect(),
+    };
+    let mut workload = match get("--workload").as_deref() {
+        None | Some("shared_prefix") => Workload::shared_prefix(),
+        Some("multi_turn") => Workload::MultiTurn {
+            conversations: 24,
+            turns: 8,
+            system_prompt_len: 400,
+            turn_len: 64,
+            output_len: 24,
+        },
+        Some("control") => Workload::Control {
+            prompt_len: 1200,
+            output_len: 24,
+        },
+        Some(other) => panic!("unknown workload {other}"),
+    };
+    if let Workload::SharedPrefix {
+        groups,
+        prompts_per_group,
+        system_prompt_len,
+        ..
+    } = &mut workload
+    {
+        let set = |flag: &str, v: &mut usize| {
+            if let Some(n) = get(flag) {
+                *v = n.parse().unwrap();
+            }
+        };
+        set("--groups", groups);
+        set("--questions", prompts_per_group);
+        set("--system-prompt-len", system_prompt_len);
+    }
+    let strategies: Vec<Strategy> = get("--strategies")
+        .map(|s| list(s).iter().map(|x| Strategy::parse(x)).collect())
+        .unwrap_or_else(|| Strategy::ALL.to_vec());
+    if vllm.is_some()
+        && let Some(s) = strategies.iter().find(|s| s.needs_events() || s.replicas() > 1)
+    {
+        panic!(
+            "{} is not run on real vLLM: its servers would have to bind KV-event sockets on every interface",
+            s.name()
+        );
+    }
     Options {
         epp_args: args
             .iter()
             .filter_map(|a| a.strip_prefix("--epp-arg="))
             .map(str::to_owned)
             .collect(),
-        rates: get("--rates")
-            .unwrap_or_else(|| "5,10,20,30,40".into())
-            .split(',')
-            .map(|r| r.trim().parse().unwrap())
-            .collect(),
+        loads,
         duration: get("--duration").map(|d| d.parse().unwrap()).unwrap_or(25.0),
-        strategies: get("--strategies")
-            .map(|s| s.split(',').map(|x| Strategy::parse(x.trim())).collect())
-            .unwrap_or_else(|| Strategy::ALL.to_vec()),
-        workload: match get("--workload").as_deref() {
-            None | Some("shared_prefix") => Workload::shared_prefix(),
-            Some("multi_turn") => Workload::MultiTurn {
-                conversations: 24,
-                turns: 8,
-                system_prompt_len: 400,
-                turn_len: 64,
-                output_len: 24,
-            },
-            Some("control") => Workload::Control {
-                prompt_len: 1200,
-                output_len: 24,
-            },
-            Some(other) => panic!("unknown workload {other}"),
-        },
+        requests: get("--requests").map(|n| n.parse().unwrap()),
+        strategies,
+        workload,
         out: get("--out")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("target/routing-quality")),
-        sims: get("--sims").map(|n| n.parse().unwrap()).unwrap_or(4),
+        servers: get("--servers")
+            .or_else(|| get("--sims"))
+            .map(|n| n.parse().unwrap())
+            .unwrap_or(if vllm.is_some() { 2 } else { 4 }),
+        vllm,
         reset_every: get("--reset-every").map(|s| Duration::from_secs_f64(s.parse().unwrap())),
         seed: get("--seed").map(|s| s.parse().unwrap()).unwrap_or(42),
+        repeat: get("--repeat").map_or(1, |n| n.parse().unwrap()),
     }
+}
+
+/// Starts `n` simulators; with `events`, tokenizing ones that publish KV events, each on its
+/// own loopback address.
+async fn start_sims(n: usize, events: Option<EventPorts>, strategy: Strategy) -> Pool {
+    let mut sims = Vec::new();
+    for i in 0..n {
+        sims.push(match events {
+            None => Sim::start(sim_config).await,
+            Some(ports) => {
+                let ip = format!("127.0.0.{}", 10 + i);
+                Sim::start_tokenizing(
+                    format!("{ip}:0").parse().unwrap(),
+                    sim_config,
+                    Some(vllm_sim::kvevents::PublisherConfig {
+                        endpoint: format!("tcp://{ip}:{}", ports.socket),
+                        bind: Some(true),
+                        replay_endpoint: Some(format!("tcp://{ip}:{}", ports.replay)),
+                        // vllm-router subscribes to the empty topic; the EPP's filter is the
+                        // reference's `kv@`.
+                        topic: if strategy == Strategy::KvAware {
+                            String::new()
+                        } else {
+                            format!("kv@{ip}@tiny")
+                        },
+                        buffer_steps: 10_000,
+                        dp_rank: 0,
+                        ..Default::default()
+                    }),
+                )
+                .await
+            }
+        });
+    }
+    Pool::Sims(sims)
+}
+
+fn row(r: &RateResult) -> String {
+    let load = if r.concurrency > 0 {
+        format!("c{}", r.concurrency)
+    } else {
+        format!("{}", r.rate)
+    };
+    format!(
+        "| {} | {load} | {}/{} | {:.3} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} | {:.0} | {:.1} % | {} | {:?} |",
+        r.strategy,
+        r.ok,
+        r.requests,
+        r.ttft_p50,
+        r.ttft_p90,
+        r.ttft_p99,
+        r.itl_p50 * 1000.0,
+        r.e2e_p50,
+        r.e2e_p90,
+        r.output_tokens_per_s,
+        r.hit_rate * 100.0,
+        r.moved.map_or("–".into(), |m| format!("{:.0} %", m * 100.0)),
+        r.spread
+    )
 }
 
 #[tokio::main]
@@ -662,19 +559,24 @@ async fn main() {
     let opts = options();
     std::fs::create_dir_all(&opts.out).unwrap();
     let mut results: Vec<RateResult> = Vec::new();
+    let backend = if opts.vllm.is_some() {
+        "real vLLM"
+    } else {
+        "simulated"
+    };
     println!(
-        "workload {} · {} sims · rates {:?}/s · {} s per rate\n",
+        "workload {} · {} {backend} servers · loads {:?} · {} s per rate\n",
         opts.workload.name(),
-        opts.sims,
-        opts.rates,
+        opts.servers,
+        opts.loads,
         opts.duration
     );
     println!(
-        "| strategy | rate | ok/sent | TTFT p50 | TTFT p90 | TTFT p99 | E2E p50 | E2E p90 | out tok/s | hit rate | moved | spread |"
+        "| strategy | load | ok/sent | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 ms | E2E p50 | E2E p90 | out tok/s | hit rate | moved | spread |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let events = opts.strategies.iter().any(|s| s.needs_events()).then(|| {
-        let ips: Vec<std::net::IpAddr> = (0..opts.sims)
+        let ips: Vec<std::net::IpAddr> = (0..opts.servers)
             .map(|i| format!("127.0.0.{}", 10 + i).parse().unwrap())
             .collect();
         let ports = epp_testkit::free_ports_on(&ips, 2);
@@ -683,79 +585,54 @@ async fn main() {
             replay: ports[1],
         }
     });
+    // Real servers start once (about a minute) and are reset between strategies.
+    let real = match &opts.vllm {
+        Some(v) => Some(Pool::start_vllm(v, opts.servers).await),
+        None => None,
+    };
     for strategy in &opts.strategies {
-        let mut sims = Vec::new();
-        for i in 0..opts.sims {
-            sims.push(match events {
-                None => Sim::start(sim_config).await,
-                Some(ports) => {
-                    let ip = format!("127.0.0.{}", 10 + i);
-                    Sim::start_tokenizing(
-                        format!("{ip}:0").parse().unwrap(),
-                        sim_config,
-                        Some(vllm_sim::kvevents::PublisherConfig {
-                            endpoint: format!("tcp://{ip}:{}", ports.socket),
-                            bind: Some(true),
-                            replay_endpoint: Some(format!("tcp://{ip}:{}", ports.replay)),
-                            // vllm-router subscribes to the empty topic; the EPP's filter
-                            // is the reference's `kv@`.
-                            topic: if *strategy == Strategy::KvAware {
-                                String::new()
-                            } else {
-                                format!("kv@{ip}@tiny")
-                            },
-                            buffer_steps: 10_000,
-                            dp_rank: 0,
-                            ..Default::default()
-                        }),
-                    )
-                    .await
+        let sims;
+        let pool = match &real {
+            Some(p) => {
+                p.reset().await;
+                p
+            }
+            None => {
+                sims = start_sims(opts.servers, events, *strategy).await;
+                &sims
+            }
+        };
+        let front = front(*strategy, &pool.addrs(), &opts.epp_args, events).await;
+        for (i, load) in opts.loads.iter().enumerate() {
+            for run in 0..opts.repeat {
+                let seed = opts.seed + i as u64 + 100 * run as u64;
+                let count = match load {
+                    Load::Rate(rate) => ((rate * opts.duration).round() as usize).max(1),
+                    Load::Concurrency(_) => opts.requests.unwrap_or(opts.workload.distinct()),
+                };
+                if run > 0 && real.is_some() {
+                    pool.reset().await;
                 }
-            });
-        }
-        let pool: Vec<_> = sims.iter().map(|s| s.addr).collect();
-        let front = front(*strategy, &pool, &opts.epp_args, events).await;
-        for (i, rate) in opts.rates.iter().enumerate() {
-            let mut r = run_rate(
-                &front,
-                &sims,
-                &opts.workload,
-                *rate,
-                opts.duration,
-                opts.seed + i as u64,
-                opts.reset_every,
-            )
-            .await;
-            r.strategy = strategy.name().to_owned();
-            println!(
-                "| {} | {} | {}/{} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.1} % | {:.0} % | {:?} |",
-                r.strategy,
-                r.rate,
-                r.ok,
-                r.requests,
-                r.ttft_p50,
-                r.ttft_p90,
-                r.ttft_p99,
-                r.e2e_p50,
-                r.e2e_p90,
-                r.output_tokens_per_s,
-                r.hit_rate * 100.0,
-                r.moved * 100.0,
-                r.spread
-            );
-            results.push(r);
-            if let Front::VllmRouter(router) = &front {
-                eprintln!("vllm-router: {}", router.kv_counters().await);
+                let mut r =
+                    run_load(&front, pool, &opts.workload, *load, count, seed, opts.reset_every).await;
+                r.strategy = strategy.name().to_owned();
+                println!("{}", row(&r));
+                results.push(r);
+                if let Front::Router(router) = &front
+                    && *strategy == Strategy::KvAware
+                {
+                    eprintln!("vllm-router: {}", router.kv_counters().await);
+                }
             }
         }
         drop(front);
-        drop(sims);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let suffix = if opts.seed == 42 {
-        String::new()
-    } else {
-        format!("-seed{}", opts.seed)
+    let suffix = match (opts.vllm.is_some(), opts.seed) {
+        (false, 42) => String::new(),
+        (true, 42) => "-vllm".to_owned(),
+        (false, s) => format!("-seed{s}"),
+        (true, s) => format!("-vllm-seed{s}"),
     };
     let path = opts
         .out

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 
 const WORDS: &[&str] = &[
@@ -77,6 +78,8 @@ fn chat_body(messages: Vec<serde_json::Value>, output_len: usize) -> String {
         "model": "tiny",
         "messages": messages,
         "max_tokens": output_len,
+        // Real servers stop at an end-of-sequence token; the length is the workload's.
+        "ignore_eos": true,
         "stream": true,
         "stream_options": {"include_usage": true},
     })
@@ -108,6 +111,71 @@ impl Workload {
     /// turn is written after the answer, as inference-perf's multi-turn sessions do).
     pub fn closed_loop(&self) -> bool {
         matches!(self, Self::MultiTurn { .. })
+    }
+
+    /// Requests that differ: each question of each group, each turn of each conversation;
+    /// for the control, 100.
+    pub fn distinct(&self) -> usize {
+        match *self {
+            Self::SharedPrefix {
+                groups,
+                prompts_per_group,
+                ..
+            } => groups * prompts_per_group,
+            Self::MultiTurn {
+                conversations, turns, ..
+            } => conversations * turns,
+            Self::Control { .. } => 100,
+        }
+    }
+
+    /// `count` requests for a closed loop, deterministic for `seed`: for `shared_prefix`, every
+    /// question of every group once in a shuffled order (then again, reshuffled, while `count`
+    /// asks for more), so that a group's first request is its only cold one under perfect
+    /// affinity; otherwise as [`Self::requests`].
+    pub fn requests_once(&self, count: usize, seed: u64) -> Vec<Request> {
+        let Self::SharedPrefix {
+            groups,
+            prompts_per_group,
+            system_prompt_len,
+            question_len,
+            output_len,
+        } = *self
+        else {
+            return self.requests(count, seed);
+        };
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut order = Vec::with_capacity(count);
+        while order.len() < count {
+            let mut pass: Vec<(usize, usize)> = (0..groups)
+                .flat_map(|g| (0..prompts_per_group).map(move |q| (g, q)))
+                .collect();
+            pass.shuffle(&mut rng);
+            order.extend(pass);
+        }
+        order.truncate(count);
+        order
+            .into_iter()
+            .map(|(g, q)| {
+                let system = text(&mut SmallRng::seed_from_u64(1000 + g as u64), system_prompt_len);
+                // The group's questions come from one generator, as in `requests`.
+                let mut r = SmallRng::seed_from_u64(5000 + g as u64);
+                let question = (0..=q)
+                    .map(|_| text(&mut r, question_len))
+                    .last()
+                    .unwrap_or_default();
+                Request {
+                    body: chat_body(
+                        vec![
+                            serde_json::json!({"role": "system", "content": system}),
+                            serde_json::json!({"role": "user", "content": question}),
+                        ],
+                        output_len,
+                    ),
+                    group: g,
+                }
+            })
+            .collect()
     }
 
     /// `count` requests in arrival order, deterministic for `seed`.

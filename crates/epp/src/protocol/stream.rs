@@ -660,6 +660,13 @@ impl ExtProcStream {
 
 impl Drop for ExtProcStream {
     fn drop(&mut self) {
+        // Without the response body (response_body_mode NONE) and with response_trailer_mode
+        // SEND, Envoy keeps the ext_proc stream open until the HTTP response ends and then
+        // closes it: the stream's end is the response's end, as the last body chunk is in the
+        // other modes (docs/envoy.md, "Response bodies").
+        if self.response_mode == BodySendMode::None && self.record.response_status.is_some() {
+            self.complete_response();
+        }
         if !self.first {
             self.observer.finished(&self.record);
         }
