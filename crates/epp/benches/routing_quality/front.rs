@@ -16,6 +16,8 @@ pub enum Strategy {
     EppDefault,
     EppV14,
     EppBaseline,
+    EppActive,
+    EppActiveQueue,
     Sglang,
     EppPrecise,
     EppPreciseLru,
@@ -31,12 +33,14 @@ pub enum Strategy {
 }
 
 impl Strategy {
-    pub const ALL: [Strategy; 17] = [
+    pub const ALL: [Strategy; 19] = [
         Self::RoundRobin,
         Self::EppRandom,
         Self::EppDefault,
         Self::EppV14,
         Self::EppBaseline,
+        Self::EppActive,
+        Self::EppActiveQueue,
         Self::Sglang,
         Self::EppPrecise,
         Self::EppPreciseLru,
@@ -58,6 +62,8 @@ impl Strategy {
             Self::EppDefault => "epp-default",
             Self::EppV14 => "epp-v14",
             Self::EppBaseline => "epp-baseline",
+            Self::EppActive => "epp-active",
+            Self::EppActiveQueue => "epp-active-queue",
             Self::Sglang => "sglang",
             Self::EppPrecise => "epp-precise",
             Self::EppPreciseLru => "epp-precise-lru",
@@ -88,6 +94,11 @@ impl Strategy {
         } else {
             1
         }
+    }
+
+    /// Whether it puts this EPP behind Envoy (and so can take the lean gateway shape).
+    pub fn is_epp(self) -> bool {
+        self.name().starts_with("epp-")
     }
 
     pub fn parse(s: &str) -> Self {
@@ -127,6 +138,35 @@ plugins:
   - {{pluginRef: prefix-cache-scorer, weight: 3}}
 {}",
         NO_HIT_LRU.0, NO_HIT_LRU.1
+    )
+}
+
+/// Prefix 3, KV 2 and `active-request-scorer` 2 (requests this EPP has in flight on each
+/// endpoint, exact and current, instead of the scraped waiting queue); `queue` > 0 adds the
+/// queue scorer at that weight.
+fn active_config(queue: u32) -> String {
+    let (plugin, entry) = if queue > 0 {
+        (
+            "- type: queue-scorer\n".to_owned(),
+            format!("  - {{pluginRef: queue-scorer, weight: {queue}}}\n"),
+        )
+    } else {
+        (String::new(), String::new())
+    };
+    format!(
+        "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: active-request-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+{plugin}schedulingProfiles:
+- name: default
+  plugins:
+  - {{pluginRef: active-request-scorer, weight: 2}}
+  - {{pluginRef: kv-cache-utilization-scorer, weight: 2}}
+  - {{pluginRef: prefix-cache-scorer, weight: 3}}
+{entry}"
     )
 }
 
@@ -217,11 +257,14 @@ impl Drop for PeerRouter {
     }
 }
 
-/// A binary from `$<var>`, else the project's `.venv/bin/<name>`.
-fn venv_bin(var: &str, name: &str) -> PathBuf {
-    std::env::var(var)
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../.venv/bin")).join(name))
+/// A binary from `$<var>`, else the project's `<venv>/bin/<name>`.
+fn venv_bin(var: &str, venv: &str, name: &str) -> PathBuf {
+    std::env::var(var).map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+            .join(venv)
+            .join("bin")
+            .join(name)
+    })
 }
 
 impl PeerRouter {
@@ -243,7 +286,7 @@ impl PeerRouter {
     /// vLLM's router with `policy`; with `events`, `kv_aware` subscribed to each server's KV
     /// events.
     async fn vllm_router(pool: &[std::net::SocketAddr], policy: &str, events: Option<EventPorts>) -> Self {
-        let bin = venv_bin("VLLM_ROUTER_BIN", "vllm-router");
+        let bin = venv_bin("VLLM_ROUTER_BIN", ".venv", "vllm-router");
         let (port, metrics_port) = ports();
         let mut cmd = std::process::Command::new(&bin);
         cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
@@ -279,7 +322,7 @@ impl PeerRouter {
 
     /// SGLang's Shepherd Model Gateway (`smg launch`) with `policy`, its defaults otherwise.
     async fn smg(pool: &[std::net::SocketAddr], policy: &str) -> Self {
-        let bin = venv_bin("SMG_BIN", "smg");
+        let bin = venv_bin("SMG_BIN", ".venv-smg", "smg");
         let (port, metrics_port) = ports();
         let mut cmd = std::process::Command::new(&bin);
         cmd.args(["launch", "--host", "127.0.0.1", "--port", &port.to_string()])
@@ -346,8 +389,11 @@ fn ports() -> (u16, u16) {
 }
 
 /// Starts what `strategy` puts in front of `pool`.
+/// With `lean`, the EPP strategies use the gateway shape that sends the EPP no response body
+/// (`examples/envoy/ai-gateway-no-response-body.yaml`).
 pub async fn front(
     strategy: Strategy,
+    lean: bool,
     pool: &[std::net::SocketAddr],
     extra_epp_args: &[String],
     events: Option<EventPorts>,
@@ -367,6 +413,8 @@ pub async fn front(
         Strategy::EppDefault => vec!["--config-file".into(), seed.into()],
         Strategy::EppV14 | Strategy::EppV14x2 => vec![],
         Strategy::EppBaseline => vec![format!("--config-text={}", baseline_config())],
+        Strategy::EppActive => vec![format!("--config-text={}", active_config(0))],
+        Strategy::EppActiveQueue => vec![format!("--config-text={}", active_config(1))],
         Strategy::EppPrecise | Strategy::EppPrecise2 | Strategy::EppPreciseLru => {
             let ports = events.expect("a precise strategy runs on servers that publish events");
             let lru = strategy == Strategy::EppPreciseLru;
@@ -396,7 +444,12 @@ pub async fn front(
     }
     // Further replicas join the first one's cluster: Envoy balances ext_proc streams over them.
     let others: Vec<u16> = epps.iter().skip(1).map(|e| e.grpc_port).collect();
-    let envoy = Envoy::start_edited(Shape::AiGateway, epps[0].grpc_port, pool, |t| {
+    let shape = if lean {
+        Shape::AiGatewayNoResponseBody
+    } else {
+        Shape::AiGateway
+    };
+    let envoy = Envoy::start_edited(shape, epps[0].grpc_port, pool, |t| {
         let line = "        - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: {{EPP_PORT}}}}}\n";
         let mut lines = line.to_owned();
         for p in &others {

@@ -9,6 +9,9 @@
 //! * `epp-v14`: Envoy + this EPP with no configuration: the built-in default profile;
 //! * `epp-baseline`: llm-d-router v0.10's "optimized baseline": the v1.4 weights plus
 //!   `no-hit-lru-scorer` (weight 2), which spreads prompts no server holds;
+//! * `epp-active`: prefix 3, KV 2 and `active-request-scorer` 2 (what this EPP has in flight
+//!   on each server) in place of the queue scorer; `epp-active-queue` adds the queue scorer at
+//!   weight 1;
 //! * `sglang`: SGLang's Python-packaged router (`sglang-router`), policy `cache_aware`;
 //! * `smg-cache-aware`, `smg-prefix-hash`, `smg-least-load`: the Shepherd Model Gateway (PyPI
 //!   `smg`) with that policy;
@@ -35,6 +38,8 @@
 //! each group once, shuffled). `--repeat n` runs each cell n times (seeds +100 apart). The
 //! `shared_prefix` shape takes `--groups`, `--questions` and `--system-prompt-len`.
 //! `--reset-every <s>` resets one server's prefix cache every `s` seconds during each run.
+//! An EPP strategy named with the suffix `+no-response-body` (`epp-v14+no-response-body`) runs
+//! behind the gateway shape that sends the EPP no response body.
 //!
 //! For each strategy and load: TTFT p50/p90/p99 (streaming, observed at the client), the
 //! inter-token latency (ITL: gaps between content chunks) p50/p90, end-to-end latency p50/p90,
@@ -50,7 +55,7 @@
 //!  [--reset-every <seconds>] [--seed 42] [--epp-arg=<flag> ...]`
 //!
 //! Envoy comes from `$ENVOY_BIN` or `.venv`; SGLang's router from `$SGLANG_ROUTER_PYTHON` or
-//! `.venv`; `vllm-router` and `smg` from `$VLLM_ROUTER_BIN`, `$SMG_BIN` or `.venv`; vLLM from
+//! `.venv`; `vllm-router` from `$VLLM_ROUTER_BIN` or `.venv`, `smg` from `$SMG_BIN` or `.venv-smg`; vLLM from
 //! `$VLLM_SERVE` or `.venv-vllm` (`scripts/routing-quality` installs them and plots).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -370,6 +375,9 @@ async fn closed(
     (groups, samples)
 }
 
+/// The suffix that runs an EPP strategy behind the gateway shape sending it no response body.
+const LEAN: &str = "+no-response-body";
+
 struct Options {
     /// Extra `epp` flags (`--epp-arg=--refresh-metrics-interval=10ms`, repeatable).
     epp_args: Vec<String>,
@@ -377,7 +385,9 @@ struct Options {
     duration: f64,
     /// Requests per closed-loop run (`--requests`; default: the workload's distinct requests).
     requests: Option<usize>,
-    strategies: Vec<Strategy>,
+    /// Each strategy, and whether it runs behind the gateway shape without response bodies
+    /// (`<strategy>+no-response-body`).
+    strategies: Vec<(Strategy, bool)>,
     workload: Workload,
     out: PathBuf,
     /// Servers in the pool (`--servers`, or `--sims`).
@@ -458,11 +468,22 @@ fn options() -> Options {
         set("--questions", prompts_per_group);
         set("--system-prompt-len", system_prompt_len);
     }
-    let strategies: Vec<Strategy> = get("--strategies")
-        .map(|s| list(s).iter().map(|x| Strategy::parse(x)).collect())
-        .unwrap_or_else(|| Strategy::ALL.to_vec());
+    let strategies: Vec<(Strategy, bool)> = get("--strategies")
+        .map(|s| {
+            list(s)
+                .iter()
+                .map(|x| match x.strip_suffix(LEAN) {
+                    Some(base) if Strategy::parse(base).is_epp() => (Strategy::parse(base), true),
+                    Some(_) => panic!("{x}: only an epp-* strategy runs behind a gateway shape"),
+                    None => (Strategy::parse(x), false),
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| Strategy::ALL.iter().map(|s| (*s, false)).collect());
     if vllm.is_some()
-        && let Some(s) = strategies.iter().find(|s| s.needs_events() || s.replicas() > 1)
+        && let Some((s, _)) = strategies
+            .iter()
+            .find(|(s, _)| s.needs_events() || s.replicas() > 1)
     {
         panic!(
             "{} is not run on real vLLM: its servers would have to bind KV-event sockets on every interface",
@@ -575,7 +596,7 @@ async fn main() {
         "| strategy | load | ok/sent | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 ms | E2E p50 | E2E p90 | out tok/s | hit rate | moved | spread |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    let events = opts.strategies.iter().any(|s| s.needs_events()).then(|| {
+    let events = opts.strategies.iter().any(|(s, _)| s.needs_events()).then(|| {
         let ips: Vec<std::net::IpAddr> = (0..opts.servers)
             .map(|i| format!("127.0.0.{}", 10 + i).parse().unwrap())
             .collect();
@@ -590,7 +611,7 @@ async fn main() {
         Some(v) => Some(Pool::start_vllm(v, opts.servers).await),
         None => None,
     };
-    for strategy in &opts.strategies {
+    for (strategy, lean) in &opts.strategies {
         let sims;
         let pool = match &real {
             Some(p) => {
@@ -602,7 +623,7 @@ async fn main() {
                 &sims
             }
         };
-        let front = front(*strategy, &pool.addrs(), &opts.epp_args, events).await;
+        let front = front(*strategy, *lean, &pool.addrs(), &opts.epp_args, events).await;
         for (i, load) in opts.loads.iter().enumerate() {
             for run in 0..opts.repeat {
                 let seed = opts.seed + i as u64 + 100 * run as u64;
@@ -615,7 +636,7 @@ async fn main() {
                 }
                 let mut r =
                     run_load(&front, pool, &opts.workload, *load, count, seed, opts.reset_every).await;
-                r.strategy = strategy.name().to_owned();
+                r.strategy = format!("{}{}", strategy.name(), if *lean { LEAN } else { "" });
                 println!("{}", row(&r));
                 results.push(r);
                 if let Front::Router(router) = &front
