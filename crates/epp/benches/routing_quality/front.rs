@@ -18,6 +18,7 @@ pub enum Strategy {
     EppBaseline,
     EppActive,
     EppActiveQueue,
+    EppBuiltin,
     Sglang,
     EppPrecise,
     EppPreciseLru,
@@ -33,7 +34,7 @@ pub enum Strategy {
 }
 
 impl Strategy {
-    pub const ALL: [Strategy; 19] = [
+    pub const ALL: [Strategy; 20] = [
         Self::RoundRobin,
         Self::EppRandom,
         Self::EppDefault,
@@ -41,6 +42,7 @@ impl Strategy {
         Self::EppBaseline,
         Self::EppActive,
         Self::EppActiveQueue,
+        Self::EppBuiltin,
         Self::Sglang,
         Self::EppPrecise,
         Self::EppPreciseLru,
@@ -64,6 +66,7 @@ impl Strategy {
             Self::EppBaseline => "epp-baseline",
             Self::EppActive => "epp-active",
             Self::EppActiveQueue => "epp-active-queue",
+            Self::EppBuiltin => "epp-builtin",
             Self::Sglang => "sglang",
             Self::EppPrecise => "epp-precise",
             Self::EppPreciseLru => "epp-precise-lru",
@@ -113,6 +116,21 @@ const RANDOM_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: random-picker
+";
+
+/// The v1.4+ weights: queue 2, KV 2, prefix 3.
+const V14_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: queue-scorer, weight: 2}
+  - {pluginRef: kv-cache-utilization-scorer, weight: 2}
+  - {pluginRef: prefix-cache-scorer, weight: 3}
 ";
 
 /// The scorer `epp-baseline` and `epp-precise-lru` add, and its place in the profile.
@@ -411,7 +429,8 @@ pub async fn front(
         }
         Strategy::EppRandom => vec![format!("--config-text={RANDOM_CONFIG}")],
         Strategy::EppDefault => vec!["--config-file".into(), seed.into()],
-        Strategy::EppV14 | Strategy::EppV14x2 => vec![],
+        Strategy::EppV14 | Strategy::EppV14x2 => vec![format!("--config-text={V14_CONFIG}")],
+        Strategy::EppBuiltin => vec![],
         Strategy::EppBaseline => vec![format!("--config-text={}", baseline_config())],
         Strategy::EppActive => vec![format!("--config-text={}", active_config(0))],
         Strategy::EppActiveQueue => vec![format!("--config-text={}", active_config(1))],

@@ -6,7 +6,8 @@
 //!   affinity: the hit-rate upper bound for `shared_prefix`);
 //! * `epp-random`: Envoy + this EPP with `random-picker`;
 //! * `epp-default`: Envoy + this EPP with the seed ConfigMap's profile (queue, KV, prefix, weight 1);
-//! * `epp-v14`: Envoy + this EPP with no configuration: the built-in default profile;
+//! * `epp-v14`: Envoy + this EPP with the v1.4+ weights (queue 2, KV 2, prefix 3);
+//! * `epp-builtin`: Envoy + this EPP with no configuration: the built-in default profile;
 //! * `epp-baseline`: llm-d-router v0.10's "optimized baseline": the v1.4 weights plus
 //!   `no-hit-lru-scorer` (weight 2), which spreads prompts no server holds;
 //! * `epp-active`: prefix 3, KV 2 and `active-request-scorer` 2 (what this EPP has in flight

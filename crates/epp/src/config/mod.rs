@@ -24,14 +24,19 @@ pub use build::PluginSet;
 pub use file::ConfigFile;
 pub use resolve::EppConfig;
 
-/// The v1.4+ built-in default, used when no configuration is given.
+/// The built-in default, used when no configuration is given: llm-d-router v0.10's
+/// "optimized baseline" (the v1.4+ weights, queue 2, KV 2, prefix 3, plus
+/// `no-hit-lru-scorer` at 2). The routing-quality benchmark chose it (docs/benchmarks.md,
+/// "The built-in default"): without the no-hit LRU scorer, prompt groups that no server holds
+/// yet can land two to one, and on real vLLM the groups then split between servers.
 pub const DEFAULT_CONFIG: &str = "\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
+apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: queue-scorer
 - type: kv-cache-utilization-scorer
 - type: prefix-cache-scorer
+- type: no-hit-lru-scorer
 schedulingProfiles:
 - name: default
   plugins:
@@ -41,6 +46,8 @@ schedulingProfiles:
     weight: 2
   - pluginRef: prefix-cache-scorer
     weight: 3
+  - pluginRef: no-hit-lru-scorer
+    weight: 2
 ";
 
 /// What went wrong, without the origin (see [`ConfigError`]).
@@ -238,7 +245,7 @@ impl EndpointPickerConfig {
         Self::from_text(&text, origin)
     }
 
-    /// The built-in default (queue 2, KV 2, prefix 3).
+    /// The built-in default ([`DEFAULT_CONFIG`]: queue 2, KV 2, prefix 3, no-hit LRU 2).
     pub fn builtin_default() -> Result<Self, ConfigError> {
         Self::from_text(DEFAULT_CONFIG, "built-in default")
     }

@@ -35,13 +35,25 @@ fn seed_config_map_loads_with_defaults_filled_in() {
 }
 
 #[test]
-fn builtin_default_has_v14_weights() {
+fn builtin_default_is_the_v010_optimized_baseline() {
     let s = EndpointPickerConfig::builtin_default()
         .unwrap()
         .build_scheduler(None)
         .unwrap();
-    let w: Vec<f64> = s.profiles()[0].scorers.iter().map(|w| w.weight).collect();
-    assert_eq!(w, vec![2.0, 2.0, 3.0]);
+    let w: Vec<(&str, f64)> = s.profiles()[0]
+        .scorers
+        .iter()
+        .map(|w| (&*w.scorer.name, w.weight))
+        .collect();
+    assert_eq!(
+        w,
+        vec![
+            ("queue-scorer", 2.0),
+            ("kv-cache-utilization-scorer", 2.0),
+            ("prefix-cache-scorer", 3.0),
+            ("no-hit-lru-scorer", 2.0)
+        ]
+    );
 }
 
 #[test]

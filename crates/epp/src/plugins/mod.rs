@@ -335,7 +335,10 @@ pub fn build(
     match type_name {
         "queue-scorer" => {
             no_params(parameters)?;
-            h.scorer = Some(Arc::new(QueueScorer));
+            let in_flight = ctx
+                .producer(DataKind::InFlightLoad)
+                .map(DataKey::<InFlightLoad>::named);
+            h.scorer = Some(Arc::new(QueueScorer { in_flight }));
         }
         "running-requests-size-scorer" => {
             no_params(parameters)?;
