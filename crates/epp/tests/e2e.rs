@@ -619,6 +619,11 @@ async fn response_counted_to_its_end(client: &reqwest::Client, shape: Shape) {
         "{page}"
     );
     assert_eq!(
+        sample(&page, "inference_objective_response_sizes_count"),
+        0.0,
+        "{shape:?}: no size without a body: {page}"
+    );
+    assert_eq!(
         sample(&page, "inference_objective_output_tokens_count"),
         0.0,
         "{page}"

@@ -621,7 +621,7 @@ async fn bench() {
                 })
                 .await
             };
-            let chunks = (cell.requests * STREAM_CHUNKS) as f64;
+            let chunks = (cell.requests.max(1) * STREAM_CHUNKS) as f64;
             let cpu = match (epp_pid, cpu_before) {
                 (Some(p), Some(b)) => format!("{:.1} µs", (cpu_seconds(p) - b) / chunks * 1e6),
                 _ => "–".into(),
@@ -629,14 +629,19 @@ async fn bench() {
             if epp_pid.is_none() {
                 plain_p50 = cell.p50;
             }
-            let per_chunk = cell.p50.saturating_sub(plain_p50).as_secs_f64() / STREAM_CHUNKS as f64;
+            let per_chunk = match epp_pid {
+                Some(_) => format!(
+                    "{:.0} µs",
+                    cell.p50.saturating_sub(plain_p50).as_secs_f64() / STREAM_CHUNKS as f64 * 1e6
+                ),
+                None => "–".into(),
+            };
             let mut gaps = std::mem::take(&mut *gaps.lock());
             gaps.sort_unstable();
             println!(
-                "| {c} | {label} | {} | {} | {:.0} µs | {} | {} | {cpu} |",
+                "| {c} | {label} | {} | {} | {per_chunk} | {} | {} | {cpu} |",
                 ms(cell.p50),
                 ms(cell.p99),
-                per_chunk * 1e6,
                 ms(percentile(&gaps, 0.5)),
                 ms(percentile(&gaps, 0.99)),
             );

@@ -288,7 +288,10 @@ fn venv_bin(var: &str, venv: &str, name: &str) -> PathBuf {
 impl PeerRouter {
     /// Its KV-routing counters (`vllm_router_kv_*`), for the log.
     pub async fn kv_counters(&self) -> String {
-        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let text = client
+            .get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .send()
             .await
             .ok();
         let text = match text {
@@ -371,7 +374,7 @@ impl PeerRouter {
             metrics_port,
             name,
         };
-        let client = reqwest::Client::new();
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
         for _ in 0..600 {
             if let Some(status) = router.child.try_wait().unwrap() {
                 panic!("{name} exited with {status}; {}", router.log());

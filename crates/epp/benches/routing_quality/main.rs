@@ -120,6 +120,8 @@ async fn send(client: &reqwest::Client, url: &str, body: String) -> Sample {
     let mut buf = Vec::new();
     let mut first = None;
     let mut last = None;
+    // A stream cut short is a failure, not a fast answer.
+    let mut done = false;
     while let Ok(Some(chunk)) = resp.chunk().await {
         buf.extend_from_slice(&chunk);
         while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
@@ -127,6 +129,10 @@ async fn send(client: &reqwest::Client, url: &str, body: String) -> Sample {
             let Some(data) = line.strip_prefix(b"data: ") else {
                 continue;
             };
+            if data.trim_ascii() == b"[DONE]" {
+                done = true;
+                continue;
+            }
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
                 continue;
             };
@@ -147,7 +153,7 @@ async fn send(client: &reqwest::Client, url: &str, body: String) -> Sample {
     }
     sample.e2e = start.elapsed();
     sample.ttft = first.unwrap_or(sample.e2e);
-    sample.ok = first.is_some();
+    sample.ok = first.is_some() && done;
     sample
 }
 
@@ -193,7 +199,7 @@ struct RateResult {
 fn resetter(pool: &Pool, every: Duration) -> tokio::task::JoinHandle<()> {
     let urls = pool.reset_urls();
     tokio::spawn(async move {
-        let client = reqwest::Client::new();
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         for url in urls.iter().cycle() {
             tick.tick().await;
@@ -481,15 +487,16 @@ fn options() -> Options {
                 .collect()
         })
         .unwrap_or_else(|| Strategy::ALL.iter().map(|s| (*s, false)).collect());
-    if vllm.is_some()
-        && let Some((s, _)) = strategies
-            .iter()
-            .find(|(s, _)| s.needs_events() || s.replicas() > 1)
-    {
-        panic!(
-            "{} is not run on real vLLM: its servers would have to bind KV-event sockets on every interface",
-            s.name()
-        );
+    if vllm.is_some() {
+        if let Some((s, _)) = strategies.iter().find(|(s, _)| s.needs_events()) {
+            panic!(
+                "{} is not run on real vLLM: its servers would have to bind KV-event sockets on every interface",
+                s.name()
+            );
+        }
+        if let Some((s, _)) = strategies.iter().find(|(s, _)| s.replicas() > 1) {
+            panic!("{} (two EPP replicas) is not run on real vLLM yet", s.name());
+        }
     }
     Options {
         epp_args: args
@@ -632,7 +639,9 @@ async fn main() {
                     Load::Rate(rate) => ((rate * opts.duration).round() as usize).max(1),
                     Load::Concurrency(_) => opts.requests.unwrap_or(opts.workload.distinct()),
                 };
-                if run > 0 && real.is_some() {
+                // Real servers keep their caches between runs: empty them before every run
+                // after the strategy's first.
+                if (i > 0 || run > 0) && real.is_some() {
                     pool.reset().await;
                 }
                 let mut r =

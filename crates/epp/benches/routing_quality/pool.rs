@@ -17,7 +17,8 @@ pub struct Counters {
     pub hits: u64,
     /// Prefix-cache queries, in tokens, summed over the servers.
     pub queries: u64,
-    /// Requests each server has taken, in pool order.
+    /// Requests each server has taken (simulators: received; vLLM: finished,
+    /// `vllm:request_success_total`), in pool order.
     pub requests: Vec<u64>,
 }
 

@@ -458,9 +458,12 @@ impl RequestObserver for EppMetrics {
                 self.request_duration
                     .get_or_create(&labels)
                     .observe(r.started.elapsed().as_secs_f64());
-                self.response_sizes
-                    .get_or_create(&labels)
-                    .observe(r.response_bytes as f64);
+                // A gateway that sends no response body leaves the size unknown, not 0.
+                if r.response_body_sent {
+                    self.response_sizes
+                        .get_or_create(&labels)
+                        .observe(r.response_bytes as f64);
+                }
             }
             if let Some(u) = r.usage {
                 if let Some(t) = u.prompt_tokens.filter(|t| *t > 0) {

@@ -335,10 +335,7 @@ pub fn build(
     match type_name {
         "queue-scorer" => {
             no_params(parameters)?;
-            let in_flight = ctx
-                .producer(DataKind::InFlightLoad)
-                .map(DataKey::<InFlightLoad>::named);
-            h.scorer = Some(Arc::new(QueueScorer { in_flight }));
+            h.scorer = Some(Arc::new(QueueScorer));
         }
         "running-requests-size-scorer" => {
             no_params(parameters)?;

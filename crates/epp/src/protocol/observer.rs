@@ -28,6 +28,9 @@ pub struct RequestRecord {
     pub request_bytes: usize,
     /// Response body bytes seen.
     pub response_bytes: usize,
+    /// Whether the gateway sends this EPP the response body (its response body mode is not
+    /// `NONE`); without it `response_bytes` and `usage` say nothing about the response.
+    pub response_body_sent: bool,
     /// Token usage from the response.
     pub usage: Option<Usage>,
     /// Local reply sent instead of routing: status and reference code.
@@ -58,6 +61,7 @@ impl RequestRecord {
             served: None,
             request_bytes: 0,
             response_bytes: 0,
+            response_body_sent: false,
             usage: None,
             error: None,
             scheduling_failed: false,

@@ -609,6 +609,7 @@ impl ExtProcStream {
             }
         }
         self.record.streaming = sse;
+        self.record.response_body_sent = self.response_mode != BodySendMode::None;
         self.usage = Some(UsageParser::new(sse));
         self.record.response_status = status;
         // Passive health: the endpoint that served (as the gateway reports it), else the pick.
