@@ -118,74 +118,49 @@ plugins:
 - type: random-picker
 ";
 
-/// The v1.4+ weights: queue 2, KV 2, prefix 3.
-const V14_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: prefix-cache-scorer
-schedulingProfiles:
-- name: default
-  plugins:
-  - {pluginRef: queue-scorer, weight: 2}
-  - {pluginRef: kv-cache-utilization-scorer, weight: 2}
-  - {pluginRef: prefix-cache-scorer, weight: 3}
-";
-
-/// The scorer `epp-baseline` and `epp-precise-lru` add, and its place in the profile.
-const NO_HIT_LRU: (&str, &str) = (
-    "- type: no-hit-lru-scorer\n",
-    "  - {pluginRef: no-hit-lru-scorer, weight: 2}\n",
-);
-
-/// llm-d-router v0.10's "optimized baseline" profile.
-fn baseline_config() -> String {
+/// A configuration whose one profile is `scorers` (type, weight), each a plugin of its own
+/// type with default parameters.
+fn scored(scorers: &[(&str, u32)]) -> String {
+    let mut plugins = String::new();
+    let mut profile = String::new();
+    for (name, weight) in scorers {
+        plugins.push_str(&format!("- type: {name}\n"));
+        profile.push_str(&format!("  - {{pluginRef: {name}, weight: {weight}}}\n"));
+    }
     format!(
         "apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: prefix-cache-scorer
-{}schedulingProfiles:
+{plugins}schedulingProfiles:
 - name: default
   plugins:
-  - {{pluginRef: queue-scorer, weight: 2}}
-  - {{pluginRef: kv-cache-utilization-scorer, weight: 2}}
-  - {{pluginRef: prefix-cache-scorer, weight: 3}}
-{}",
-        NO_HIT_LRU.0, NO_HIT_LRU.1
+{profile}"
     )
 }
+
+/// The v1.4+ weights: queue 2, KV 2, prefix 3.
+const V14: [(&str, u32); 3] = [
+    ("queue-scorer", 2),
+    ("kv-cache-utilization-scorer", 2),
+    ("prefix-cache-scorer", 3),
+];
+
+/// The scorer `epp-baseline` and `epp-precise-lru` add to the v1.4 weights.
+const NO_HIT_LRU: (&str, u32) = ("no-hit-lru-scorer", 2);
 
 /// Prefix 3, KV 2 and `active-request-scorer` 2 (requests this EPP has in flight on each
 /// endpoint, exact and current, instead of the scraped waiting queue); `queue` > 0 adds the
 /// queue scorer at that weight.
 fn active_config(queue: u32) -> String {
-    let (plugin, entry) = if queue > 0 {
-        (
-            "- type: queue-scorer\n".to_owned(),
-            format!("  - {{pluginRef: queue-scorer, weight: {queue}}}\n"),
-        )
-    } else {
-        (String::new(), String::new())
-    };
-    format!(
-        "apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: active-request-scorer
-- type: kv-cache-utilization-scorer
-- type: prefix-cache-scorer
-{plugin}schedulingProfiles:
-- name: default
-  plugins:
-  - {{pluginRef: active-request-scorer, weight: 2}}
-  - {{pluginRef: kv-cache-utilization-scorer, weight: 2}}
-  - {{pluginRef: prefix-cache-scorer, weight: 3}}
-{entry}"
-    )
+    let mut scorers = vec![
+        ("active-request-scorer", 2),
+        ("kv-cache-utilization-scorer", 2),
+        ("prefix-cache-scorer", 3),
+    ];
+    if queue > 0 {
+        scorers.push(("queue-scorer", queue));
+    }
+    scored(&scorers)
 }
 
 /// The KV-event ports every tokenizing server publishes on (each on its own address).
@@ -199,7 +174,15 @@ pub struct EventPorts {
 /// server (replay on), speculative entries on (as llm-d's perf configuration); with `lru`, the
 /// no-hit LRU scorer too.
 fn precise_config(ports: EventPorts, lru: bool) -> String {
-    let (plugin, entry) = if lru { NO_HIT_LRU } else { ("", "") };
+    let (plugin, entry) = if lru {
+        let (name, weight) = NO_HIT_LRU;
+        (
+            format!("- type: {name}\n"),
+            format!("  - {{pluginRef: {name}, weight: {weight}}}\n"),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     let tokenizer = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../fixtures/vllm-0.32-cpu/tokenization"
@@ -432,9 +415,16 @@ pub async fn front(
         }
         Strategy::EppRandom => vec![format!("--config-text={RANDOM_CONFIG}")],
         Strategy::EppDefault => vec!["--config-file".into(), seed.into()],
-        Strategy::EppV14 | Strategy::EppV14x2 => vec![format!("--config-text={V14_CONFIG}")],
+        Strategy::EppV14 | Strategy::EppV14x2 => vec![format!("--config-text={}", scored(&V14))],
         Strategy::EppBuiltin => vec![],
-        Strategy::EppBaseline => vec![format!("--config-text={}", baseline_config())],
+        // llm-d-router v0.10's "optimized baseline" (today also the built-in default).
+        Strategy::EppBaseline => {
+            let [queue, kv, prefix] = V14;
+            vec![format!(
+                "--config-text={}",
+                scored(&[queue, kv, prefix, NO_HIT_LRU])
+            )]
+        }
         Strategy::EppActive => vec![format!("--config-text={}", active_config(0))],
         Strategy::EppActiveQueue => vec![format!("--config-text={}", active_config(1))],
         Strategy::EppPrecise | Strategy::EppPrecise2 | Strategy::EppPreciseLru => {

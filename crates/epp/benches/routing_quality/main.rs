@@ -620,17 +620,18 @@ async fn main() {
         None => None,
     };
     for (strategy, lean) in &opts.strategies {
-        let sims;
-        let pool = match &real {
+        // Simulators restart for every strategy; real servers are emptied instead.
+        let sims = match &real {
             Some(p) => {
                 p.reset().await;
-                p
+                None
             }
-            None => {
-                sims = start_sims(opts.servers, events, *strategy).await;
-                &sims
-            }
+            None => Some(start_sims(opts.servers, events, *strategy).await),
         };
+        let pool = sims
+            .as_ref()
+            .or(real.as_ref())
+            .expect("simulators or real servers");
         let front = front(*strategy, *lean, &pool.addrs(), &opts.epp_args, events).await;
         for (i, load) in opts.loads.iter().enumerate() {
             for run in 0..opts.repeat {
@@ -657,6 +658,8 @@ async fn main() {
             }
         }
         drop(front);
+        // Before the pause: the next simulators bind the same KV-event ports.
+        drop(sims);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let suffix = match (opts.vllm.is_some(), opts.seed) {
