@@ -114,3 +114,41 @@ fn a_busy_pod_loses_new_prefixes_to_idle_ones() {
         assert_ne!(got, busy.hostport.to_string(), "prompt {i} went to the busy pod");
     }
 }
+
+/// A scraped waiting count is up to a scrape interval old. When the group's home reported a
+/// request waiting and this EPP has since seen its requests finish, the home's queue is
+/// counted as drained: the seed profile's min–max queue score must not hand the group's next
+/// request to another pod for what is by then a stale figure.
+#[test]
+fn a_stale_waiting_count_does_not_split_a_group() {
+    for seed in 1..=8 {
+        let d = director(SEED, seed);
+        let store = d.store();
+        let system = "the one group's long instructions. ";
+        let first = ready(d.route(&info(), &chat(system, "q0"), &Subset::All).unwrap());
+        let home = first.destinations.clone();
+        let home_ep = store
+            .load()
+            .endpoints()
+            .iter()
+            .find(|e| e.endpoint.hostport.to_string() == home)
+            .unwrap()
+            .endpoint
+            .clone();
+        // A scrape while the first request ran: one more waited behind it.
+        store.update_metrics(
+            &home_ep,
+            Metrics {
+                waiting_queue: 1,
+                running: 1,
+                ..Metrics::default()
+            },
+        );
+        // The first request finishes after the scrape: the home is idle again.
+        drop(first);
+        for i in 1..=6 {
+            let got = pick(&d, &chat(system, &format!("q{i}")));
+            assert_eq!(got, home, "seed {seed}: question {i} left the group's home");
+        }
+    }
+}

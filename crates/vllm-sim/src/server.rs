@@ -106,6 +106,7 @@ impl Simulator {
             .route("/health", get(|| async { StatusCode::OK }))
             .route("/version", get(version))
             .route("/metrics", get(metrics_page))
+            .route("/metrics/", get(narrowed_metrics_page))
             .route(
                 "/sim/overrides",
                 put(admin::put_overrides).delete(admin::delete_overrides),
@@ -656,6 +657,44 @@ fn metrics_ok(sim: &Simulator) -> Response {
         sim.metrics_text(),
     )
         .into_response()
+}
+
+/// `/metrics/`, as vLLM serves it: the `prometheus_client` app vLLM mounts at the path with a
+/// trailing slash honours `name[]=` and sends only those samples (with their families'
+/// comments), while `/metrics` (the instrumentator's route) ignores the filter.
+async fn narrowed_metrics_page(
+    state: State<Arc<Simulator>>,
+    closing: Option<Extension<Closing>>,
+    axum::extract::Query(query): axum::extract::Query<Vec<(String, String)>>,
+) -> Response {
+    let names: Vec<String> = query
+        .into_iter()
+        .filter(|(k, _)| k == "name[]")
+        .map(|(_, v)| v)
+        .collect();
+    let page = metrics_page(state, closing).await;
+    if names.is_empty() || page.status() != StatusCode::OK {
+        return page;
+    }
+    let (parts, body) = page.into_parts();
+    let Ok(text) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let text = String::from_utf8_lossy(&text);
+    let asked = |name: &str| names.iter().any(|n| n == name);
+    let kept: String = text
+        .lines()
+        .filter(|line| match line.strip_prefix("# ") {
+            // `# HELP name …` / `# TYPE name …`: kept with the family's samples.
+            Some(comment) => comment
+                .split(' ')
+                .nth(1)
+                .is_some_and(|family| asked(family) || asked(&format!("{family}_total"))),
+            None => asked(line.split(['{', ' ']).next().unwrap_or("")),
+        })
+        .flat_map(|line| [line, "\n"])
+        .collect();
+    Response::from_parts(parts, Body::from(kept))
 }
 
 async fn metrics_page(State(sim): State<Arc<Simulator>>, closing: Option<Extension<Closing>>) -> Response {

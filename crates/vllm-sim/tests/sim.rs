@@ -1051,3 +1051,33 @@ mod binary {
         assert!(status.success(), "{status:?}");
     }
 }
+
+/// As vLLM 0.32 does (fixtures `metrics_idle.txt` against `metrics_idle_narrowed.txt`):
+/// `/metrics` sends every family whatever `name[]` asks, `/metrics/` only the asked ones.
+#[tokio::test]
+async fn name_filter_is_honoured_only_with_a_trailing_slash() {
+    let sim = Sim::start(fast()).await;
+    let q =
+        "?name%5B%5D=vllm:num_requests_waiting&name%5B%5D=vllm:kv_cache_usage_perc&name%5B%5D=vllm:nothing";
+    let full = sim.metrics().await;
+    let ignored = sim.get(&format!("/metrics{q}")).await.text().await.unwrap();
+    assert_eq!(
+        ignored.lines().filter(|l| !l.starts_with('#')).count(),
+        full.lines().filter(|l| !l.starts_with('#')).count()
+    );
+    let r = sim.get(&format!("/metrics/{q}")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let narrowed = r.text().await.unwrap();
+    let samples: Vec<&str> = narrowed
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split(['{', ' ']).next().unwrap())
+        .collect();
+    assert_eq!(samples, ["vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"]);
+    assert!(
+        narrowed.contains("# TYPE vllm:num_requests_waiting gauge"),
+        "{narrowed}"
+    );
+    // Without names the whole page.
+    assert_eq!(sim.get("/metrics/").await.text().await.unwrap().len(), full.len());
+}

@@ -53,7 +53,11 @@
 //!  [--duration 25] [--concurrency 4] [--requests n] [--repeat 1] [--strategies a,b,...]
 //!  [--workload shared_prefix|multi_turn|control] [--groups g] [--questions q]
 //!  [--system-prompt-len tokens] [--out target/routing-quality] [--servers n]
-//!  [--reset-every <seconds>] [--seed 42] [--epp-arg=<flag> ...]`
+//!  [--reset-every <seconds>] [--seed 42] [--epp-arg=<flag> ...] [--client own|inference-perf]`
+//!
+//! `--client inference-perf` sends the load with the field's load generator instead (see
+//! `inference_perf.rs`; `shared_prefix` only, no `affinity`); results are named
+//! `results-<workload>[-vllm][-seed<n>]-inference-perf.json`.
 //!
 //! Envoy comes from `$ENVOY_BIN` or `.venv`; SGLang's router from `$SGLANG_ROUTER_PYTHON` or
 //! `.venv`; `vllm-router` from `$VLLM_ROUTER_BIN` or `.venv`, `smg` from `$SMG_BIN` or `.venv-smg`; vLLM from
@@ -61,6 +65,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod front;
+mod inference_perf;
 mod pool;
 mod workload;
 
@@ -70,8 +75,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use epp_testkit::e2e::Sim;
-use front::{EventPorts, Front, Strategy, front};
-use pool::{Pool, VllmOptions};
+pub(crate) use front::Front;
+use front::{EventPorts, Strategy, front};
+pub(crate) use pool::Pool;
+use pool::VllmOptions;
 use workload::{Workload, poisson_arrivals};
 
 /// The simulated pool: small KV caches (400 blocks of 16 tokens: room for about four of the
@@ -165,11 +172,13 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 }
 
 #[derive(Debug, serde::Serialize)]
-struct RateResult {
+pub(crate) struct RateResult {
     workload: String,
     strategy: String,
     /// `sim` or `vllm`.
     backend: &'static str,
+    /// Who sent the load: `own` (this bench) or `inference-perf`.
+    client: &'static str,
     /// Offered Poisson rate (requests/s); 0 in closed-loop runs.
     rate: f64,
     /// Requests kept in flight in closed-loop runs (`--concurrency`); 0 for Poisson runs.
@@ -210,7 +219,7 @@ fn resetter(pool: &Pool, every: Duration) -> tokio::task::JoinHandle<()> {
 
 /// How requests are offered.
 #[derive(Debug, Clone, Copy)]
-enum Load {
+pub(crate) enum Load {
     /// Poisson arrivals at this many requests per second.
     Rate(f64),
     /// A closed loop keeping this many requests in flight.
@@ -273,11 +282,8 @@ async fn run_load(
     RateResult {
         workload: workload.name().to_owned(),
         strategy: String::new(),
-        backend: if matches!(pool, Pool::Sims(_)) {
-            "sim"
-        } else {
-            "vllm"
-        },
+        backend: pool.backend(),
+        client: "own",
         rate,
         concurrency,
         requests: samples.len(),
@@ -406,6 +412,8 @@ struct Options {
     seed: u64,
     /// Runs of each strategy at each load (`--repeat`), with seeds `seed`, `seed + 100`, ...
     repeat: usize,
+    /// The load comes from `inference-perf` (`--client inference-perf`).
+    inference_perf: bool,
 }
 
 fn options() -> Options {
@@ -487,6 +495,14 @@ fn options() -> Options {
                 .collect()
         })
         .unwrap_or_else(|| Strategy::ALL.iter().map(|s| (*s, false)).collect());
+    let inference_perf = match get("--client").as_deref() {
+        None | Some("own") => false,
+        Some("inference-perf") => true,
+        Some(other) => panic!("unknown client {other} (own or inference-perf)"),
+    };
+    if inference_perf && strategies.iter().any(|(s, _)| *s == Strategy::Affinity) {
+        panic!("affinity needs the bench's own client: inference-perf does not say which group a request is");
+    }
     if vllm.is_some() {
         if let Some((s, _)) = strategies.iter().find(|(s, _)| s.needs_events()) {
             panic!(
@@ -520,6 +536,7 @@ fn options() -> Options {
         reset_every: get("--reset-every").map(|s| Duration::from_secs_f64(s.parse().unwrap())),
         seed: get("--seed").map(|s| s.parse().unwrap()).unwrap_or(42),
         repeat: get("--repeat").map_or(1, |n| n.parse().unwrap()),
+        inference_perf,
     }
 }
 
@@ -645,8 +662,17 @@ async fn main() {
                 if (i > 0 || run > 0) && real.is_some() {
                     pool.reset().await;
                 }
-                let mut r =
-                    run_load(&front, pool, &opts.workload, *load, count, seed, opts.reset_every).await;
+                let mut r = if opts.inference_perf {
+                    let dir = opts.out.join("inference-perf").join(format!(
+                        "{}{}-{i}-{run}",
+                        strategy.name(),
+                        if *lean { LEAN } else { "" }
+                    ));
+                    inference_perf::measure(&front, pool, &opts.workload, *load, opts.duration, count, &dir)
+                        .await
+                } else {
+                    run_load(&front, pool, &opts.workload, *load, count, seed, opts.reset_every).await
+                };
                 r.strategy = format!("{}{}", strategy.name(), if *lean { LEAN } else { "" });
                 println!("{}", row(&r));
                 results.push(r);
@@ -662,12 +688,15 @@ async fn main() {
         drop(sims);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let suffix = match (opts.vllm.is_some(), opts.seed) {
+    let mut suffix = match (opts.vllm.is_some(), opts.seed) {
         (false, 42) => String::new(),
         (true, 42) => "-vllm".to_owned(),
         (false, s) => format!("-seed{s}"),
         (true, s) => format!("-vllm-seed{s}"),
     };
+    if opts.inference_perf {
+        suffix.push_str("-inference-perf");
+    }
     let path = opts
         .out
         .join(format!("results-{}{suffix}.json", opts.workload.name()));

@@ -165,6 +165,14 @@ pub enum Pool {
 }
 
 impl Pool {
+    /// `sim` or `vllm`, as results name the backend.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Sims(_) => "sim",
+            Self::Vllm(_) => "vllm",
+        }
+    }
+
     /// Starts `n` real servers on 127.0.0.(20+i), server `i` pinned to core `i % cores`, and
     /// waits until all are healthy (start-up takes about a minute).
     pub async fn start_vllm(opts: &VllmOptions, n: usize) -> Self {

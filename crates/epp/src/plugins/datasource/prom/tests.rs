@@ -66,6 +66,24 @@ fn real_vllm_pages() {
     assert_eq!(after.lora, LoraInfo::default());
 }
 
+/// What vLLM answers at `/metrics/` (the path with a trailing slash) to the names this EPP
+/// asks for: only those families, and everything the EPP reads from them.
+#[test]
+fn real_vllm_narrowed_page() {
+    let page = read("metrics_idle_narrowed.txt");
+    let asked = vllm().sample_names();
+    for line in page.lines().filter(|l| !l.starts_with('#')) {
+        let name = line.split(['{', ' ']).next().unwrap();
+        assert!(asked.iter().any(|a| a == name), "{name} was not asked for");
+    }
+    let now = Instant::now();
+    let m = vllm()
+        .extract(&page, &Metrics::default(), now, &mut Vec::new())
+        .unwrap();
+    assert_eq!((m.waiting_queue, m.running, m.kv_cache_usage), (0, 0, 0.0));
+    assert_eq!((m.cache_block_size, m.cache_num_blocks), (Some(32), Some(16_384)));
+}
+
 #[test]
 fn real_lora_pages_take_the_latest_series() {
     let now = Instant::now();
