@@ -660,8 +660,10 @@ fn metrics_ok(sim: &Simulator) -> Response {
 }
 
 /// `/metrics/`, as vLLM serves it: the `prometheus_client` app vLLM mounts at the path with a
-/// trailing slash honours `name[]=` and sends only those samples (with their families'
-/// comments), while `/metrics` (the instrumentator's route) ignores the filter.
+/// trailing slash honours `name[]=` and sends only those samples, while `/metrics` (the
+/// instrumentator's route) ignores the filter. `# HELP`/`# TYPE` lines stay for the families
+/// asked for by their own name or as `<family>_total` (a histogram's, asked for by its
+/// sample names, lose them; the EPP reads only samples).
 async fn narrowed_metrics_page(
     state: State<Arc<Simulator>>,
     closing: Option<Extension<Closing>>,

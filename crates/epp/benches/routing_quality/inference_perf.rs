@@ -5,7 +5,9 @@
 //! completions (its `shared_prefix` data has no chat form), and its
 //! `summary_lifecycle_metrics.json` report (TTFT, inter-token latency and request latency
 //! percentiles). The bench still reads the servers' own prefix-cache hit rate
-//! and the requests each took.
+//! and the requests each took. inference-perf 0.3.0 draws its prompts unseeded, so `--seed`
+//! does not fix them (each strategy gets other random prompts of the same shape), and
+//! `--reset-every` is refused with it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -114,6 +116,9 @@ pub fn config(
 /// Runs `inference-perf` with `config` (written to `dir`) and reads its summary.
 pub fn run(config: &Value, dir: &Path) -> Report {
     std::fs::create_dir_all(dir).unwrap();
+    // inference-perf writes no summary when it recorded nothing: never read an older one.
+    let summary = dir.join("summary_lifecycle_metrics.json");
+    let _ = std::fs::remove_file(&summary);
     let file = dir.join("config.yml");
     std::fs::write(&file, serde_yaml::to_string(config).unwrap()).unwrap();
     let out = Command::new(binary())
@@ -141,7 +146,7 @@ pub fn run(config: &Value, dir: &Path) -> Report {
         out.status,
         dir.join("inference-perf.log").display()
     );
-    let text = std::fs::read_to_string(dir.join("summary_lifecycle_metrics.json"))
+    let text = std::fs::read_to_string(&summary)
         .unwrap_or_else(|e| panic!("no inference-perf summary in {}: {e}", dir.display()));
     parse(&serde_json::from_str(&text).unwrap())
 }

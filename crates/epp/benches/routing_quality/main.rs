@@ -500,6 +500,9 @@ fn options() -> Options {
         Some("inference-perf") => true,
         Some(other) => panic!("unknown client {other} (own or inference-perf)"),
     };
+    if inference_perf && get("--reset-every").is_some() {
+        panic!("--reset-every needs the bench's own client");
+    }
     if inference_perf && strategies.iter().any(|(s, _)| *s == Strategy::Affinity) {
         panic!("affinity needs the bench's own client: inference-perf does not say which group a request is");
     }

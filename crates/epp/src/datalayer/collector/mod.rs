@@ -331,9 +331,8 @@ async fn poll_loop(l: PollLoop) {
             return;
         }
     };
-    let target = poller.target();
     let timeout = source.plugin.timeout();
-    tracing::debug!(endpoint = %endpoint.hostport, source = %source.name, %target, "starting poller");
+    tracing::debug!(endpoint = %endpoint.hostport, source = %source.name, target = %poller.target(), "starting poller");
     // The first poll goes out at once (readiness waits for it); later ones are spread.
     let start = Instant::now() + jitter(&endpoint, interval);
     let mut ticker = tokio::time::interval_at(start, interval);
@@ -400,7 +399,8 @@ async fn poll_loop(l: PollLoop) {
             }
             Err(error) if !failing => {
                 failing = true;
-                tracing::warn!(endpoint = %endpoint.hostport, source = %source.name, %target, %error, "polling failing; figures will go stale");
+                // The poller may have moved since it started (a narrowed metrics page).
+                tracing::warn!(endpoint = %endpoint.hostport, source = %source.name, target = %poller.target(), %error, "polling failing; figures will go stale");
             }
             Err(_) => {}
         }

@@ -26,10 +26,12 @@
 //! `prometheus_client` ASGI app mounted beside it answers the path with a trailing slash and
 //! collects only the families asked for. Rendering the whole page costs vLLM's API server, the
 //! process that also streams tokens, about 12 ms of CPU per scrape against 1 ms narrowed
-//! (vLLM 0.32, measured in `docs/benchmarks.md`). So when the first page of an endpoint holds
+//! (vLLM 0.32, measured in `docs/benchmarks.md`, "Real vLLM"). So when the first page of an endpoint holds
 //! series that were not asked for, the poller asks the same path with a trailing slash once;
 //! if that page holds every asked-for series the first one had and nothing else, it scrapes
-//! there from then on and logs the switch. Otherwise it keeps the configured path.
+//! there from then on and logs the switch. Otherwise (another page, an error, or no answer
+//! within half the scrape timeout of the first poll's start) it keeps the configured path;
+//! the first page is used either way.
 
 use std::any::TypeId;
 use std::net::SocketAddr;
@@ -259,6 +261,9 @@ struct NarrowCheck {
     names: Vec<String>,
     addr: SocketAddr,
     client: reqwest::Client,
+    /// The poll's time limit: the check gets what the first fetch left of half of it, so the
+    /// first page is never lost to a slow check.
+    budget: Duration,
 }
 
 /// The sample names of a Prometheus text page, in order, comments skipped.
@@ -302,15 +307,15 @@ impl NarrowCheck {
     }
 
     /// Moves `poller` to the narrowed page if the server offers one (see the module docs).
-    async fn run(self, poller: &mut MetricsPoller, page: &[u8]) {
+    async fn run(self, poller: &mut MetricsPoller, page: &[u8], deadline: tokio::time::Instant) {
         let Some(alt) = self.alternative(&poller.url, page) else {
             return;
         };
         let Ok(mut fetcher) = Fetcher::new(&alt, self.addr, &self.client) else {
             return;
         };
-        match fetcher.fetch().await {
-            Ok(narrowed) if self.narrows(page, &narrowed) => {
+        match tokio::time::timeout_at(deadline, fetcher.fetch()).await {
+            Ok(Ok(narrowed)) if self.narrows(page, &narrowed) => {
                 tracing::info!(
                     from = %poller.url,
                     to = %alt,
@@ -331,9 +336,11 @@ impl NarrowCheck {
 impl Poller for MetricsPoller {
     fn poll(&mut self) -> PollFuture<'_> {
         Box::pin(async move {
+            let started = tokio::time::Instant::now();
             let page: Bytes = self.fetcher.fetch().await?;
             if let Some(check) = self.check.take() {
-                check.run(self, &page).await;
+                let deadline = started + check.budget / 2;
+                check.run(self, &page, deadline).await;
             }
             Ok(Box::new(page) as crate::framework::datalayer::Payload)
         })
@@ -366,6 +373,7 @@ impl PollingSource for MetricsSource {
             names: hints.to_vec(),
             addr,
             client: self.client.clone(),
+            budget: self.timeout,
         });
         Ok(Box::new(MetricsPoller { fetcher, url, check }))
     }
@@ -422,6 +430,9 @@ mod tests {
     const FULL: &str = "# HELP vllm:num_requests_waiting w\n# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"m\"} 2.0\nvllm:num_requests_running{model_name=\"m\"} 1.0\nvllm:iteration_tokens_total_bucket{le=\"1.0\"} 0.0\n";
     const NARROW: &str = "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"m\"} 2.0\nvllm:num_requests_running{model_name=\"m\"} 1.0\n";
 
+    /// A page the test server never answers.
+    const HANG: &str = "(no answer)";
+
     /// A keep-alive HTTP/1.1 server on loopback answering by path (query left out) with
     /// `pages`, 404 elsewhere; returns its address and the paths asked for, in order.
     async fn server(
@@ -454,6 +465,9 @@ mod tests {
                         let target = head.split(' ').nth(1).unwrap_or("").to_owned();
                         let path = target.split('?').next().unwrap_or("").to_owned();
                         log.lock().unwrap().push(path.clone());
+                        if pages.iter().any(|(p, b)| *p == path && *b == HANG) {
+                            std::future::pending::<()>().await;
+                        }
                         let (status, body) = match pages.iter().find(|(p, _)| *p == path) {
                             Some((_, b)) => ("200 OK", *b),
                             None => ("404 Not Found", ""),
@@ -516,5 +530,15 @@ mod tests {
         const LESS: &str = "vllm:num_requests_waiting 2.0\n";
         let (paths, _, _) = polls(&[("/metrics", FULL), ("/metrics/", LESS)], 2).await;
         assert_eq!(paths, ["/metrics", "/metrics/", "/metrics"]);
+        // No answer there: the first page is still used, within the poll's time limit.
+        let started = std::time::Instant::now();
+        let (paths, bodies, _) = polls(&[("/metrics", FULL), ("/metrics/", HANG)], 2).await;
+        assert_eq!(paths, ["/metrics", "/metrics/", "/metrics"]);
+        assert_eq!(bodies, [FULL; 2]);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }
