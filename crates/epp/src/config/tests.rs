@@ -509,18 +509,6 @@ fn token_load_scorer_gets_its_producer() {
     assert!(e.contains("'nobody' is not a plugin producing it"), "{e}");
 }
 
-#[test]
-fn queue_scorer_reads_the_in_flight_load() {
-    // Its scraped waiting count is brought up to date with what this EPP routed and saw
-    // finish, so a configuration of the queue scorer alone gets an in-flight producer too.
-    let s = set(&format!("{HEAD}plugins:\n- type: queue-scorer\n")).unwrap();
-    assert!(
-        names(&s).contains(&"inflight-load-producer".to_owned()),
-        "{:?}",
-        names(&s)
-    );
-}
-
 /// llm-d-router v0.10's "optimized-baseline" profile, as its guides and its config tests write it.
 #[test]
 fn the_v010_optimized_baseline_loads_with_its_producers() {

@@ -74,10 +74,6 @@ pub struct LoadCounters {
     tokens: AtomicI64,
     sent: AtomicU64,
     done: AtomicU64,
-    /// Requests routed so far.
-    started: AtomicU64,
-    /// Requests finished so far.
-    finished: AtomicU64,
 }
 
 impl LoadCounters {
@@ -89,7 +85,6 @@ impl LoadCounters {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.tokens.fetch_add(signed, Ordering::Relaxed);
         self.sent.fetch_add(tokens, Ordering::Relaxed);
-        self.started.fetch_add(1, Ordering::Relaxed);
         InFlightGuard {
             counters: self.clone(),
             tokens,
@@ -117,16 +112,6 @@ impl LoadCounters {
     /// Tokens of finished requests so far.
     pub fn done(&self) -> u64 {
         self.done.load(Ordering::Relaxed)
-    }
-
-    /// Requests routed so far.
-    pub fn started(&self) -> u64 {
-        self.started.load(Ordering::Relaxed)
-    }
-
-    /// Requests finished so far.
-    pub fn finished(&self) -> u64 {
-        self.finished.load(Ordering::Relaxed)
     }
 }
 
@@ -174,7 +159,6 @@ impl InFlightGuard {
             // Finished before the request count falls: a concurrent reader that sees the
             // request gone also sees it done.
             self.counters.done.fetch_add(self.tokens, Ordering::Relaxed);
-            self.counters.finished.fetch_add(1, Ordering::Relaxed);
             self.counters.requests.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -213,10 +197,6 @@ pub struct InFlightLoad {
     pub sent_at_scrape: u64,
     /// Tokens finished when the figures were published.
     pub done_at_scrape: u64,
-    /// Requests routed when the figures were published.
-    pub started_at_scrape: u64,
-    /// Requests finished when the figures were published.
-    pub finished_at_scrape: u64,
 }
 
 impl InFlightLoad {
@@ -229,15 +209,11 @@ impl InFlightLoad {
     /// that ends between the two loads counts as still running.
     pub fn stamped(&self) -> Self {
         let done = self.counters.done();
-        let finished = self.counters.finished();
         let sent = self.counters.sent();
-        let started = self.counters.started();
         Self {
             counters: self.counters.clone(),
             sent_at_scrape: sent,
             done_at_scrape: done,
-            started_at_scrape: started,
-            finished_at_scrape: finished,
         }
     }
 
@@ -249,23 +225,6 @@ impl InFlightLoad {
     /// Tokens in flight now.
     pub fn tokens(&self) -> i64 {
         self.counters.tokens()
-    }
-
-    /// The scraped waiting-queue length `waiting` as it stands now: when the server had
-    /// requests waiting at the scrape (all its slots busy), each request routed to it since
-    /// joins the queue and each one finished since lets a waiting one start. With nothing
-    /// waiting at the scrape the figure stays 0: whether a new request waits depends on free
-    /// slots the scrape does not report, and the KV and in-flight signals cover that case.
-    pub fn waiting_now(&self, waiting: u32) -> u32 {
-        if waiting == 0 {
-            return 0;
-        }
-        let started = self.counters.started().saturating_sub(self.started_at_scrape);
-        let finished = self.counters.finished().saturating_sub(self.finished_at_scrape);
-        let now = i64::from(waiting)
-            .saturating_add(i64::try_from(started).unwrap_or(i64::MAX))
-            .saturating_sub(i64::try_from(finished).unwrap_or(i64::MAX));
-        u32::try_from(now.max(0)).unwrap_or(u32::MAX)
     }
 
     /// The change in the endpoint's load, in tokens, since its figures were published: sent

@@ -246,7 +246,7 @@ pub fn consumes(type_name: &str) -> &'static [Consumes] {
     }];
     match type_name {
         "prefix-cache-scorer" => PREFIX_SCORER,
-        "kv-cache-utilization-scorer" | "queue-scorer" => KV_SCORER,
+        "kv-cache-utilization-scorer" => KV_SCORER,
         "concurrency-detector" => CONCURRENCY,
         "token-load-scorer" => TOKEN_LOAD,
         "active-request-scorer" => CONCURRENCY,
@@ -335,10 +335,7 @@ pub fn build(
     match type_name {
         "queue-scorer" => {
             no_params(parameters)?;
-            let in_flight = ctx
-                .producer(DataKind::InFlightLoad)
-                .map(DataKey::<InFlightLoad>::named);
-            h.scorer = Some(Arc::new(QueueScorer { in_flight }));
+            h.scorer = Some(Arc::new(QueueScorer));
         }
         "running-requests-size-scorer" => {
             no_params(parameters)?;

@@ -3,9 +3,7 @@
 //!
 //! The queue and running scorers are min-max normalised over *this cycle's* candidates, as the
 //! reference's: the least loaded candidate scores 1 and the most loaded 0, whatever the
-//! absolute numbers; when all are equal, all score 1. The queue scorer's waiting count is
-//! brought up to date with what this EPP routed and saw finish since the scrape, as the KV
-//! figure is (see [`QueueScorer`]). The KV scorer is absolute:
+//! absolute numbers; when all are equal, all score 1. The KV scorer is absolute:
 //! `1 - utilisation`, where utilisation is the scraped figure corrected by what this EPP has
 //! seen since the scrape: the uncached prompt tokens of requests it sent the server, minus
 //! those of requests that finished, as a share of the server's KV capacity when the server
@@ -41,27 +39,9 @@ fn min_max_inverse(candidates: &[Candidate<'_>], value: fn(&Metrics) -> u32, sco
     }
 }
 
-/// `queue-scorer`: fewer waiting requests is better. The waiting count is the scraped one,
-/// brought up to date with the requests this EPP routed to the server and saw finish since
-/// the scrape when an in-flight producer keeps them ([`InFlightLoad::waiting_now`]): a
-/// figure up to one scrape interval old otherwise costs a server the whole (min–max) queue
-/// score for that long after its queue has drained.
+/// `queue-scorer`: fewer waiting requests is better.
 #[derive(Debug, Default)]
-pub struct QueueScorer {
-    /// The in-flight load attribute that corrects the scraped figure, if any producer keeps one.
-    pub in_flight: Option<DataKey<InFlightLoad>>,
-}
-
-impl QueueScorer {
-    /// The waiting count of `c` as this scorer sees it.
-    fn waiting(&self, c: &EndpointState) -> u32 {
-        let waiting = c.metrics().waiting_queue;
-        match self.in_flight.and_then(|k| c.get(k)) {
-            Some(load) => load.waiting_now(waiting),
-            None => waiting,
-        }
-    }
-}
+pub struct QueueScorer;
 
 impl Scorer for QueueScorer {
     fn score(
@@ -71,27 +51,7 @@ impl Scorer for QueueScorer {
         candidates: &[Candidate<'_>],
         scores: &mut [f64],
     ) {
-        if self.in_flight.is_none() {
-            min_max_inverse(candidates, |m| m.waiting_queue, scores);
-            return;
-        }
-        let (mut min, mut max) = (u32::MAX, 0u32);
-        for (s, c) in scores.iter_mut().zip(candidates) {
-            let w = self.waiting(c);
-            (min, max) = (min.min(w), max.max(w));
-            *s = f64::from(w);
-        }
-        if candidates.is_empty() {
-            return;
-        }
-        if max == min {
-            scores.fill(1.0);
-            return;
-        }
-        let scale = 1.0 / f64::from(max - min);
-        for s in scores.iter_mut() {
-            *s = (f64::from(max) - *s) * scale;
-        }
+        min_max_inverse(candidates, |m| m.waiting_queue, scores);
     }
 }
 
@@ -159,40 +119,9 @@ mod tests {
         let s = states(&[(0, 0.0), (5, 0.0), (10, 0.0)]);
         let headers = Default::default();
         let req = request(&headers, "m", b"");
-        assert_eq!(score(&QueueScorer::default(), &req, &s), vec![1.0, 0.5, 0.0]);
+        assert_eq!(score(&QueueScorer, &req, &s), vec![1.0, 0.5, 0.0]);
         let s = states(&[(3, 0.0), (3, 0.0)]);
-        assert_eq!(score(&QueueScorer::default(), &req, &s), vec![1.0, 1.0]);
-    }
-
-    #[test]
-    fn queue_counts_requests_routed_and_finished_since_the_scrape() {
-        let key = DataKey::<InFlightLoad>::named("test-load");
-        // Scraped: the first had 1 waiting, the second 2, the third none.
-        let mut s = states(&[(1, 0.0), (2, 0.0), (0, 0.0)]);
-        let loads: Vec<InFlightLoad> = (0..3).map(|_| InFlightLoad::new()).collect();
-        // One request runs on each when the figures are published.
-        let running: Vec<_> = loads.iter().map(|l| l.counters.start(10)).collect();
-        for (st, load) in s.iter_mut().zip(&loads) {
-            st.set(key, Arc::new(load.stamped()));
-        }
-        let headers = Default::default();
-        let req = request(&headers, "m", b"");
-        let scorer = QueueScorer { in_flight: Some(key) };
-        assert_eq!(score(&scorer, &req, &s), vec![0.5, 0.0, 1.0], "as scraped");
-        // A request finishes on the first: its waiting one starts, its queue is empty.
-        let mut running = running.into_iter();
-        drop(running.next());
-        assert_eq!(score(&scorer, &req, &s), vec![1.0, 0.0, 1.0]);
-        // Two more routed to the second, which had requests waiting: they wait too (4).
-        let _more = (loads[1].counters.start(10), loads[1].counters.start(10));
-        // One routed to the third, which had none waiting: it does not count as waiting.
-        let _idle = loads[2].counters.start(10);
-        assert_eq!(score(&scorer, &req, &s), vec![1.0, 0.0, 1.0]);
-        assert_eq!(loads[1].stamped().waiting_now(0), 0);
-        let stamped = s[1].get(key).unwrap();
-        assert_eq!(stamped.waiting_now(2), 4);
-        // Without the attribute the scraped figure is used as it is.
-        assert_eq!(score(&QueueScorer::default(), &req, &s), vec![0.5, 0.0, 1.0]);
+        assert_eq!(score(&QueueScorer, &req, &s), vec![1.0, 1.0]);
     }
 
     #[test]
