@@ -121,12 +121,7 @@ plugins:
 /// A configuration whose one profile is `scorers` (type, weight), each a plugin of its own
 /// type with default parameters.
 fn scored(scorers: &[(&str, u32)]) -> String {
-    let mut plugins = String::new();
-    let mut profile = String::new();
-    for (name, weight) in scorers {
-        plugins.push_str(&format!("- type: {name}\n"));
-        profile.push_str(&format!("  - {{pluginRef: {name}, weight: {weight}}}\n"));
-    }
+    let (plugins, profile) = scorer_lines(scorers);
     format!(
         "apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
@@ -136,6 +131,17 @@ plugins:
   plugins:
 {profile}"
     )
+}
+
+/// The `plugins:` entries and the profile's `plugins:` entries of `scorers` (type, weight).
+fn scorer_lines(scorers: &[(&str, u32)]) -> (String, String) {
+    let mut plugins = String::new();
+    let mut profile = String::new();
+    for (name, weight) in scorers {
+        plugins.push_str(&format!("- type: {name}\n"));
+        profile.push_str(&format!("  - {{pluginRef: {name}, weight: {weight}}}\n"));
+    }
+    (plugins, profile)
 }
 
 /// The v1.4+ weights: queue 2, KV 2, prefix 3.
@@ -174,15 +180,7 @@ pub struct EventPorts {
 /// server (replay on), speculative entries on (as llm-d's perf configuration); with `lru`, the
 /// no-hit LRU scorer too.
 fn precise_config(ports: EventPorts, lru: bool) -> String {
-    let (plugin, entry) = if lru {
-        let (name, weight) = NO_HIT_LRU;
-        (
-            format!("- type: {name}\n"),
-            format!("  - {{pluginRef: {name}, weight: {weight}}}\n"),
-        )
-    } else {
-        (String::new(), String::new())
-    };
+    let (plugin, entry) = scorer_lines(if lru { &[NO_HIT_LRU] } else { &[] });
     let tokenizer = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../fixtures/vllm-0.32-cpu/tokenization"

@@ -74,7 +74,7 @@ pub fn config(
     else {
         panic!("--client inference-perf runs the shared_prefix workload only");
     };
-    let load = match (rate, concurrency) {
+    let mut load = match (rate, concurrency) {
         (Some(rate), _) => serde_json::json!({
             "type": "poisson",
             "stages": [{"rate": rate, "duration": duration.ceil() as u64}],
@@ -85,7 +85,6 @@ pub fn config(
         }),
         (None, None) => unreachable!("a load is a rate or a concurrency"),
     };
-    let mut load = load;
     // One worker process: the machine's cores serve the routers and servers under test.
     load["num_workers"] = 1.into();
     load["worker_max_concurrency"] = 512.into();

@@ -42,6 +42,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use super::fetch::Fetcher;
+use super::prom::sample_names;
 use crate::datalayer::Endpoint;
 use crate::framework::datalayer::{PollFuture, Poller, PollingSource, SourceError};
 
@@ -261,24 +262,9 @@ struct NarrowCheck {
     names: Vec<String>,
     addr: SocketAddr,
     client: reqwest::Client,
-    /// The poll's time limit: the check gets what the first fetch left of half of it, so the
-    /// first page is never lost to a slow check.
-    budget: Duration,
-}
-
-/// The sample names of a Prometheus text page, in order, comments skipped.
-fn sample_names(page: &[u8]) -> impl Iterator<Item = &[u8]> {
-    page.split(|b| *b == b'\n').filter_map(|line| {
-        let line = line.trim_ascii_start();
-        if line.is_empty() || line[0] == b'#' {
-            return None;
-        }
-        let end = line
-            .iter()
-            .position(|b| matches!(b, b'{' | b' ' | b'\t'))
-            .unwrap_or(line.len());
-        Some(&line[..end])
-    })
+    /// How long after the first poll starts the check may still wait: half the poll's time
+    /// limit, so the first page is never lost to a slow check.
+    limit: Duration,
 }
 
 fn asked(names: &[String], sample: &[u8]) -> bool {
@@ -339,7 +325,7 @@ impl Poller for MetricsPoller {
             let started = tokio::time::Instant::now();
             let page: Bytes = self.fetcher.fetch().await?;
             if let Some(check) = self.check.take() {
-                let deadline = started + check.budget / 2;
+                let deadline = started + check.limit;
                 check.run(self, &page, deadline).await;
             }
             Ok(Box::new(page) as crate::framework::datalayer::Payload)
@@ -373,7 +359,7 @@ impl PollingSource for MetricsSource {
             names: hints.to_vec(),
             addr,
             client: self.client.clone(),
-            budget: self.timeout,
+            limit: self.timeout / 2,
         });
         Ok(Box::new(MetricsPoller { fetcher, url, check }))
     }

@@ -452,6 +452,24 @@ fn wanted_lines<'t>(text: &'t str, wanted: &'t [&'t str]) -> impl Iterator<Item 
     })
 }
 
+/// The name of a sample line (up to its labels or value).
+fn name_of(line: &[u8]) -> &[u8] {
+    let end = line
+        .iter()
+        .position(|b| matches!(b, b'{' | b' ' | b'\t'))
+        .unwrap_or(line.len());
+    &line[..end]
+}
+
+/// The sample names of a page of the text exposition format, in order, comments and blank
+/// lines skipped.
+pub fn sample_names(page: &[u8]) -> impl Iterator<Item = &[u8]> {
+    page.split(|b| *b == b'\n').filter_map(|line| {
+        let line = line.trim_ascii();
+        (!line.is_empty() && line[0] != b'#').then(|| name_of(line))
+    })
+}
+
 /// One sample line: `name{label="value",...} value [timestamp]`.
 #[derive(Debug, PartialEq)]
 struct Sample<'a> {
@@ -465,7 +483,7 @@ impl<'a> Sample<'a> {
     /// `±Inf` are read as such, for the range checks to refuse and count.
     fn parse(line: &'a str) -> Option<Self> {
         let line = line.trim();
-        let name_end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
+        let name_end = name_of(line.as_bytes()).len();
         let name = &line[..name_end];
         let mut rest = &line[name_end..];
         let mut labels = Vec::new();
